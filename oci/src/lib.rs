@@ -1,0 +1,1 @@
+//! Images, root filesystems, OCI runtime specs and runtime backends. Knows nothing of pipelines.

@@ -1,0 +1,307 @@
+//! A YAML document as a tree of spanned nodes.
+//!
+//! Owns: turning pipeline text into [`Node`]s that remember where they came from (line:col),
+//! with serde-saphyr doing the YAML work (syntax, anchors, merge keys, duplicate keys).
+//! Does not own: what any key means; that is `model` and `validate`.
+//!
+//! Why a generic tree rather than typed serde structs: validation must report *every* problem
+//! in a file at once, each at its line and column, and must tell "a key Harness knows but
+//! stagehand ignores" from "a typo". Serde derives stop at the first error and forget spans.
+
+use std::fmt;
+
+use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_saphyr::Spanned;
+
+/// A position in the source: 1-based line and column.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Pos {
+    pub line: u32,
+    pub col: u32,
+}
+
+impl fmt::Display for Pos {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.line, self.col)
+    }
+}
+
+/// A scalar as YAML gave it: we keep the text so `"5432"` and `5432` both read as ports,
+/// and the kind so a type error can say what it found.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Scalar {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Scalar(Scalar),
+    Seq(Vec<Node>),
+    /// Entries in document order; keys are scalars rendered as text.
+    Map(Vec<(Key, Node)>),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Key {
+    pub name: String,
+    pub pos: Pos,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Node {
+    pub value: Value,
+    pub pos: Pos,
+}
+
+impl Node {
+    pub fn kind(&self) -> &'static str {
+        match &self.value {
+            Value::Scalar(Scalar::Null) => "null",
+            Value::Scalar(Scalar::Bool(_)) => "a boolean",
+            Value::Scalar(Scalar::Int(_)) => "a number",
+            Value::Scalar(Scalar::Float(_)) => "a number",
+            Value::Scalar(Scalar::Str(_)) => "a string",
+            Value::Seq(_) => "a list",
+            Value::Map(_) => "a mapping",
+        }
+    }
+
+    pub fn as_map(&self) -> Option<&[(Key, Node)]> {
+        match &self.value {
+            Value::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn as_seq(&self) -> Option<&[Node]> {
+        match &self.value {
+            Value::Seq(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// The scalar as text, the way Harness reads every leaf (numbers and booleans included).
+    pub fn as_text(&self) -> Option<String> {
+        match &self.value {
+            Value::Scalar(Scalar::Str(s)) => Some(s.clone()),
+            Value::Scalar(Scalar::Int(i)) => Some(i.to_string()),
+            Value::Scalar(Scalar::Float(f)) => Some(f.to_string()),
+            Value::Scalar(Scalar::Bool(b)) => Some(b.to_string()),
+            _ => None,
+        }
+    }
+
+    pub fn is_null(&self) -> bool {
+        matches!(self.value, Value::Scalar(Scalar::Null))
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Node> {
+        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(_, v)| v)
+    }
+}
+
+/// A YAML error with the place it happened.
+#[derive(Clone, Debug, PartialEq)]
+pub struct YamlError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// Parse one YAML document.
+pub fn parse(text: &str) -> Result<Node, YamlError> {
+    let options = serde_saphyr::options! {
+        // YAML 1.2 booleans only: `on`, `y` and `no` stay strings, as in Harness's own parser.
+        strict_booleans: true,
+        leading_zero_numbers_as_strings: true,
+        with_snippet: false,
+    };
+    let spanned: Spanned<RawValue> =
+        serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        let pos = e
+            .location()
+            .map(|l| Pos { line: l.line() as u32, col: l.column() as u32 })
+            .unwrap_or(Pos { line: 1, col: 1 });
+        YamlError { pos, message: first_line(&e.to_string()) }
+    })?;
+    Ok(into_node(spanned))
+}
+
+fn first_line(s: &str) -> String {
+    // serde-saphyr renders a snippet below the message; we render our own.
+    let line = s.lines().next().unwrap_or(s).trim();
+    let line = line.strip_prefix("error: ").unwrap_or(line);
+    // Drop the "line X column Y: " that we show ourselves, and serde-saphyr's advice.
+    let line = match line.find(": ") {
+        Some(i) if line.starts_with("line ") => &line[i + 2..],
+        _ => line,
+    };
+    let line = line.split(", set DuplicateKeyPolicy").next().unwrap_or(line);
+    line.to_string()
+}
+
+fn pos_of<T>(s: &Spanned<T>) -> Pos {
+    Pos { line: s.referenced.line() as u32, col: s.referenced.column() as u32 }
+}
+
+fn into_node(s: Spanned<RawValue>) -> Node {
+    let pos = pos_of(&s);
+    let value = match s.value {
+        RawValue::Scalar(sc) => Value::Scalar(sc),
+        RawValue::Seq(items) => Value::Seq(items.into_iter().map(into_node).collect()),
+        RawValue::Map(entries) => Value::Map(
+            entries
+                .into_iter()
+                .map(|(k, v)| {
+                    let kpos = pos_of(&k);
+                    (Key { name: k.value, pos: kpos }, into_node(v))
+                })
+                .collect(),
+        ),
+    };
+    Node { value, pos }
+}
+
+/// What serde-saphyr deserializes into; converted to [`Node`] right after.
+enum RawValue {
+    Scalar(Scalar),
+    Seq(Vec<Spanned<RawValue>>),
+    Map(Vec<(Spanned<String>, Spanned<RawValue>)>),
+}
+
+/// Map keys: YAML allows any scalar; Harness keys are strings, but `5432: 5432` in
+/// `portBindings` is common, so numbers and booleans become their text.
+struct KeyText(String);
+
+impl<'de> Deserialize<'de> for KeyText {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = KeyText;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a scalar mapping key")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<KeyText, E> {
+                Ok(KeyText(v.to_string()))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<KeyText, E> {
+                Ok(KeyText(String::new()))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for RawValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = RawValue;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("any YAML value")
+            }
+            fn visit_bool<E: de::Error>(self, v: bool) -> Result<RawValue, E> {
+                Ok(RawValue::Scalar(Scalar::Bool(v)))
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<RawValue, E> {
+                Ok(RawValue::Scalar(Scalar::Int(v)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<RawValue, E> {
+                Ok(match i64::try_from(v) {
+                    Ok(i) => RawValue::Scalar(Scalar::Int(i)),
+                    Err(_) => RawValue::Scalar(Scalar::Str(v.to_string())),
+                })
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<RawValue, E> {
+                Ok(RawValue::Scalar(Scalar::Float(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<RawValue, E> {
+                Ok(RawValue::Scalar(Scalar::Str(v.to_string())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<RawValue, E> {
+                Ok(RawValue::Scalar(Scalar::Str(v)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<RawValue, E> {
+                Ok(RawValue::Scalar(Scalar::Null))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<RawValue, E> {
+                Ok(RawValue::Scalar(Scalar::Null))
+            }
+            fn visit_some<D2: Deserializer<'de>>(self, d: D2) -> Result<RawValue, D2::Error> {
+                RawValue::deserialize(d)
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<RawValue, A::Error> {
+                let mut out = Vec::new();
+                while let Some(item) = seq.next_element::<Spanned<RawValue>>()? {
+                    out.push(item);
+                }
+                Ok(RawValue::Seq(out))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawValue, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<Spanned<KeyText>>()? {
+                    let v = map.next_value::<Spanned<RawValue>>()?;
+                    let key = Spanned::new(k.value.0, k.referenced, k.defined);
+                    out.push((key, v));
+                }
+                Ok(RawValue::Map(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spans_point_at_keys_and_values() {
+        let n = parse("a:\n  b: 1\n  c: [x, \"y\"]\n").unwrap();
+        let (k, a) = &n.as_map().unwrap()[0];
+        assert_eq!(k.name, "a");
+        assert_eq!(k.pos, Pos { line: 1, col: 1 });
+        let (kb, b) = &a.as_map().unwrap()[0];
+        assert_eq!(kb.pos, Pos { line: 2, col: 3 });
+        assert_eq!(b.value, Value::Scalar(Scalar::Int(1)));
+        assert_eq!(b.pos, Pos { line: 2, col: 6 });
+        let c = a.get("c").unwrap();
+        assert_eq!(c.as_seq().unwrap()[1].as_text().unwrap(), "y");
+        assert_eq!(c.as_seq().unwrap()[1].pos, Pos { line: 3, col: 10 });
+    }
+
+    #[test]
+    fn duplicate_keys_are_errors() {
+        let e = parse("a: 1\nb: 2\na: 3\n").unwrap_err();
+        assert_eq!(e.pos.line, 3, "{e:?}");
+        assert!(e.message.to_lowercase().contains("duplicate"), "{e:?}");
+    }
+
+    #[test]
+    fn syntax_error_has_position() {
+        let e = parse("a: [1, 2\nb: 3\n").unwrap_err();
+        assert!(e.pos.line >= 1, "{e:?}");
+    }
+
+    #[test]
+    fn numeric_keys_and_anchors() {
+        let n = parse("p:\n  5432: 5432\nx: &a {k: v}\ny: *a\n").unwrap();
+        assert_eq!(n.get("p").unwrap().as_map().unwrap()[0].0.name, "5432");
+        assert_eq!(n.get("y").unwrap().get("k").unwrap().as_text().unwrap(), "v");
+    }
+}

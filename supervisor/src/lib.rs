@@ -1,0 +1,1 @@
+//! Processes, cgroups, namespaces, ports and teardown. Knows nothing of pipelines or images.

@@ -1,0 +1,1 @@
+//! Helpers for the end-to-end suites: locating the built binary, temp workspaces, leak checks.
