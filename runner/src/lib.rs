@@ -4,3 +4,16 @@
 //! user. `supervisor` runs processes; `oci` runs containers.
 
 pub mod yaml;
+pub mod units;
+pub mod expr;
+pub mod diag;
+pub mod model;
+pub mod inputs;
+pub mod load;
+pub mod validate;
+pub mod plan;
+pub mod context;
+pub mod exec;
+pub mod output;
+pub mod schedule;
+pub mod cli;

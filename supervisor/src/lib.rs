@@ -1,1 +1,34 @@
 //! Processes, cgroups, namespaces, ports and teardown. Knows nothing of pipelines or images.
+//!
+//! This root only lists the modules and rolls each module's error enum into the crate
+//! [`Error`]. Adding a module is one `pub mod x;` line here plus, if it has its own failure
+//! domain, one `#[from]` variant in [`Error`].
+//!
+//! Process layer: [`process`] (spawning, waiting, stopping, output lines), [`reaper`] (the one
+//! thread that waits on every child and descendant), [`signals`] (SIGINT/SIGTERM for the
+//! runner). All `unsafe` lives in the private `sys` module.
+
+pub mod cgroup;
+pub mod forward;
+pub mod hosts;
+pub mod netns;
+pub mod process;
+pub mod reaper;
+pub mod signals;
+pub mod slirp;
+mod sys;
+
+/// Every failure the supervisor reports, one variant per failure domain.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Preparing, spawning or signalling a process failed.
+    #[error(transparent)]
+    Process(#[from] process::ProcessError),
+    /// The global reaper could not be installed or is no longer running.
+    #[error(transparent)]
+    Reaper(#[from] reaper::ReaperError),
+    /// Listening for termination signals failed.
+    #[error(transparent)]
+    Signal(#[from] signals::SignalError),
+}

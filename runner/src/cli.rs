@@ -1,0 +1,479 @@
+//! The command line: `stagehand run | validate | plan`.
+//!
+//! Owns: arguments, reading the pipeline file and its inputs and secrets, the order of the
+//! phases (parse → inputs → load → validate → plan → run → teardown → summary), signals to
+//! stagehand itself, and exit codes (0 success, 1 stage failed, 2 invalid input, 130/143 when
+//! interrupted by SIGINT/SIGTERM). Does not own: any phase's logic.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{Codebase, Ctx, RunInfo, Secrets, StageInfo, render};
+use crate::diag::Diagnostics;
+use crate::exec::host::HostExecutor;
+use crate::inputs::InputValues;
+use crate::model::{Pipeline, StatusGate, VarType};
+use crate::output::Console;
+use crate::plan::{StagePlan, plan_stage};
+use crate::schedule::{RunOptions, StageRun, StageStatus, summary};
+
+pub const EXIT_OK: i32 = 0;
+pub const EXIT_FAILED: i32 = 1;
+pub const EXIT_INVALID: i32 = 2;
+
+#[derive(Parser, Debug)]
+#[command(name = "stagehand", version, about = "Run Harness CI pipeline stages locally, without a daemon")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run a pipeline's stages (or one stage with --stage).
+    Run(RunArgs),
+    /// Check a pipeline file and report every problem with its line and column.
+    Validate(FileArgs),
+    /// Print the execution tree: what runs in order and what in parallel.
+    Plan(FileArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct FileArgs {
+    /// The pipeline YAML file.
+    pub file: PathBuf,
+    /// Only this stage (by identifier).
+    #[arg(long)]
+    pub stage: Option<String>,
+    /// A runtime input: a variable name or a field path, e.g.
+    /// `stages.build.spec.execution.steps.Run_1.spec.image=alpine`.
+    #[arg(long = "input", value_name = "NAME=VALUE")]
+    pub inputs: Vec<String>,
+    /// A Harness input set file (the pipeline's shape with values in place of <+input>).
+    #[arg(long = "inputs-file", value_name = "FILE")]
+    pub inputs_file: Option<PathBuf>,
+    /// Report unsupported steps as skipped instead of failing.
+    #[arg(long)]
+    pub skip_unsupported: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub file: FileArgs,
+    /// Set a pipeline or stage variable's value (by name).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    pub vars: Vec<String>,
+    /// A secret for <+secrets.getValue('id')>. Also: --secrets-file, STAGEHAND_SECRET_<ID>.
+    #[arg(long = "secret", value_name = "ID=VALUE")]
+    pub secrets: Vec<String>,
+    /// A file of `id=value` lines.
+    #[arg(long = "secrets-file", value_name = "FILE")]
+    pub secrets_file: Option<PathBuf>,
+    /// The stage workspace (working directory of every step). Default: the current directory.
+    #[arg(long)]
+    pub workspace: Option<PathBuf>,
+    /// Grace period between SIGTERM and SIGKILL when stopping services.
+    #[arg(long, default_value = "10s", value_parser = parse_duration_arg)]
+    pub stop_timeout: Duration,
+    /// Show only step status lines and the output of failing steps.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+fn parse_duration_arg(s: &str) -> Result<Duration, String> {
+    crate::units::parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Parse arguments, run, and return the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let result = match cli.command {
+        Command::Validate(a) => validate_cmd(&a),
+        Command::Plan(a) => plan_cmd(&a),
+        Command::Run(a) => run_cmd(a),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("stagehand: {e:#}");
+            EXIT_INVALID
+        }
+    }
+}
+
+/// A loaded and checked pipeline, or the exit code to stop with.
+struct Checked {
+    pipeline: Pipeline,
+}
+
+fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
+    let source = std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
+    let mut diags = Diagnostics::new(&a.file);
+    let mut root = match crate::yaml::parse(&source) {
+        Ok(n) => n,
+        Err(e) => {
+            diags.error(e.pos, e.message);
+            eprint!("{}", diags.render(&source, false));
+            return Ok(Err(EXIT_INVALID));
+        }
+    };
+    let mut values = InputValues::default();
+    if let Some(f) = &a.inputs_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("read inputs file {}", f.display()))?;
+        let doc = crate::yaml::parse(&text).map_err(|e| anyhow::anyhow!("{}:{}: {}", f.display(), e.pos, e.message))?;
+        values.add_input_set(&doc).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+    }
+    for kv in &a.inputs {
+        let (k, v) = kv.split_once('=').with_context(|| format!("--input {kv}: expected NAME=VALUE"))?;
+        values.insert(k, v);
+    }
+    let outcome = crate::inputs::resolve(&mut root, &values, require_inputs);
+    for m in &outcome.missing {
+        diags.error_hint(m.pos, format!("runtime input `{}` has no value", m.path), format!("pass --input {}=VALUE or an --inputs-file", m.path));
+    }
+    for b in &outcome.bad {
+        diags.error(b.pos, format!("input `{}`: {}", b.path, b.message));
+    }
+    for u in &outcome.unused {
+        diags.warning(crate::yaml::Pos { line: 1, col: 1 }, format!("--input {u} matches no <+input> in the file"));
+    }
+    let pipeline = crate::load::load(&root, &mut diags);
+    if let Some(p) = &pipeline {
+        crate::validate::validate(p, &source, &mut diags);
+        if let Some(s) = &a.stage {
+            if !p.stages.iter().any(|st| &st.identifier == s) {
+                let ids: Vec<&str> = p.stages.iter().map(|s| s.identifier.as_str()).collect();
+                bail!("no stage `{s}` in {} (stages: {})", a.file.display(), ids.join(", "));
+            }
+        }
+    }
+    diags.finish();
+    let text = diags.render(&source, a.skip_unsupported);
+    if !text.is_empty() {
+        eprint!("{text}");
+    }
+    let invalid = diags.has_errors() || (diags.has_unsupported() && !a.skip_unsupported);
+    match pipeline {
+        Some(p) if !invalid => Ok(Ok(Checked { pipeline: p })),
+        _ => {
+            let e = diags.count(crate::diag::Severity::Error);
+            let u = diags.count(crate::diag::Severity::Unsupported);
+            let mut parts = vec![];
+            if e > 0 {
+                parts.push(format!("{e} error{}", if e == 1 { "" } else { "s" }));
+            }
+            if u > 0 && !a.skip_unsupported {
+                parts.push(format!("{u} unsupported (--skip-unsupported runs the rest)"));
+            }
+            eprintln!("{}: invalid: {}", a.file.display(), parts.join(", "));
+            Ok(Err(EXIT_INVALID))
+        }
+    }
+}
+
+fn validate_cmd(a: &FileArgs) -> Result<i32> {
+    Ok(match check(a, false)? {
+        Ok(c) => {
+            let steps: usize = c.pipeline.stages.iter().map(|s| plan_stage(s).steps().len()).sum();
+            println!("{}: valid ({} stage{}, {steps} steps)", a.file.display(), c.pipeline.stages.len(), if c.pipeline.stages.len() == 1 { "" } else { "s" });
+            EXIT_OK
+        }
+        Err(code) => code,
+    })
+}
+
+fn plan_cmd(a: &FileArgs) -> Result<i32> {
+    Ok(match check(a, false)? {
+        Ok(c) => {
+            for s in selected(&c.pipeline, a.stage.as_deref()) {
+                print!("{}", crate::plan::render(&plan_stage(s)));
+            }
+            EXIT_OK
+        }
+        Err(code) => code,
+    })
+}
+
+fn selected<'a>(p: &'a Pipeline, only: Option<&str>) -> Vec<&'a crate::model::Stage> {
+    p.stages.iter().filter(|s| only.is_none_or(|o| o == s.identifier)).collect()
+}
+
+fn parse_kv(kv: &str, what: &str) -> Result<(String, String)> {
+    let (k, v) = kv.split_once('=').with_context(|| format!("{what} {kv}: expected NAME=VALUE"))?;
+    Ok((k.trim().to_string(), v.to_string()))
+}
+
+fn read_secrets(a: &RunArgs) -> Result<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for (k, v) in std::env::vars() {
+        if let Some(id) = k.strip_prefix("STAGEHAND_SECRET_") {
+            out.insert(id.to_string(), v);
+        }
+    }
+    if let Some(f) = &a.secrets_file {
+        let text = std::fs::read_to_string(f).with_context(|| format!("read secrets file {}", f.display()))?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim_end_matches('\r');
+            if line.trim().is_empty() || line.trim_start().starts_with('#') {
+                continue;
+            }
+            let (k, v) = line.split_once('=').with_context(|| format!("{}:{}: expected id=value", f.display(), i + 1))?;
+            out.insert(k.trim().to_string(), v.to_string());
+        }
+    }
+    for s in &a.secrets {
+        let (k, v) = parse_kv(s, "--secret")?;
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+/// The run directory: the single place that records what a run created.
+fn run_dir_base() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/run/stagehand");
+    }
+    match std::env::var_os("XDG_RUNTIME_DIR") {
+        Some(d) => PathBuf::from(d).join("stagehand"),
+        None => std::env::temp_dir().join(format!("stagehand-{}", nix::unistd::geteuid())),
+    }
+}
+
+fn state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/stagehand");
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) => PathBuf::from(d).join("stagehand"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/share/stagehand"),
+    }
+}
+
+/// `<+pipeline.sequenceId>`: a counter kept per pipeline identifier.
+fn next_sequence(pipeline: &str) -> u64 {
+    let dir = state_dir().join("sequence");
+    let path = dir.join(pipeline);
+    let n = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0) + 1;
+    let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, n.to_string()));
+    n
+}
+
+fn new_run_id() -> String {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let mix = (nanos as u64) ^ ((std::process::id() as u64) << 32);
+    format!("{:012x}", mix & 0xffff_ffff_ffff)
+}
+
+fn run_cmd(a: RunArgs) -> Result<i32> {
+    let checked = match check(&a.file, true)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut pipeline = checked.pipeline;
+    let overrides: Vec<(String, String)> = a.vars.iter().map(|kv| parse_kv(kv, "--var")).collect::<Result<_>>()?;
+    apply_overrides(&mut pipeline, &overrides)?;
+    let secrets = Arc::new(Secrets::new(read_secrets(&a)?));
+    let workspace = match &a.workspace {
+        Some(w) => {
+            std::fs::create_dir_all(w).with_context(|| format!("create workspace {}", w.display()))?;
+            w.canonicalize()?
+        }
+        None => std::env::current_dir()?,
+    };
+
+    // The reaper must exist before the first child: stagehand becomes a child subreaper and
+    // every descendant is reaped by it.
+    stagehand_supervisor::reaper::install().context("install the process reaper")?;
+
+    let run_id = new_run_id();
+    let run_dir = run_dir_base().join(&run_id);
+    let logs = run_dir.join("logs");
+    std::fs::create_dir_all(&logs).with_context(|| format!("create run directory {}", run_dir.display()))?;
+    let console = Arc::new(Console::new(secrets.clone(), Some(logs.clone()), a.quiet));
+
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
+    let code = rt.block_on(async {
+        let cancel = CancellationToken::new();
+        let signal = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        {
+            let cancel = cancel.clone();
+            let signal = signal.clone();
+            let console = console.clone();
+            tokio::spawn(async move {
+                if let Ok(sig) = stagehand_supervisor::signals::next_termination().await {
+                    signal.store(sig, std::sync::atomic::Ordering::SeqCst);
+                    console.status(&format!("stagehand: received {}, stopping the stage", stagehand_supervisor::process::signal_name(sig)));
+                    cancel.cancel();
+                }
+            });
+        }
+        let codebase = Codebase::detect(&workspace);
+        let mut run = RunInfo {
+            pipeline_name: pipeline.name.clone(),
+            pipeline_id: pipeline.identifier.clone(),
+            sequence_id: next_sequence(&pipeline.identifier),
+            execution_id: run_id.clone(),
+            codebase,
+            secrets: secrets.clone(),
+            pipeline_vars: BTreeMap::new(),
+            outputs: RwLock::new(Default::default()),
+        };
+        // Pipeline variables may use secrets and run facts; Secret-typed ones are masked.
+        for v in &pipeline.variables {
+            let value = {
+                let ctx = Ctx { run: &run, stage: None, step: None };
+                match render(&v.value.value, &ctx) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        console.status(&format!("{}:{}: error: pipeline variable `{}`: {e}", a.file.file.display(), v.value.pos, v.name));
+                        return EXIT_FAILED;
+                    }
+                }
+            };
+            if v.var_type == VarType::Secret {
+                secrets.add_mask(&value);
+            }
+            run.pipeline_vars.insert(v.name.clone(), value);
+        }
+        let run = Arc::new(run);
+        let mut any_failed = false;
+        let mut reports = Vec::new();
+        for stage in selected(&pipeline, a.file.stage.as_deref()) {
+            if cancel.is_cancelled() {
+                break;
+            }
+            if stage.unsupported {
+                console.status(&format!("==> stage {} skipped (not supported by stagehand)", stage.identifier));
+                continue;
+            }
+            let plan = plan_stage(stage);
+            if let Some(skip) = stage_gate(&plan, &run, any_failed) {
+                console.status(&format!("==> stage {} skipped ({skip})", stage.identifier));
+                continue;
+            }
+            let info = match stage_info(&plan, &run, &a.file.file) {
+                Ok(i) => Arc::new(i),
+                Err(e) => {
+                    console.status(&e);
+                    any_failed = true;
+                    continue;
+                }
+            };
+            console.stage_start(&plan.identifier, &plan.name);
+            let steps_dir = run_dir.join("steps").join(&plan.identifier);
+            let exec = match HostExecutor::new(steps_dir, a.stop_timeout) {
+                Ok(e) => Arc::new(e),
+                Err(e) => {
+                    console.status(&format!("stagehand: cannot prepare stage {}: {e}", plan.identifier));
+                    return EXIT_FAILED;
+                }
+            };
+            let options = RunOptions { workspace: workspace.clone(), skip_unsupported: a.file.skip_unsupported };
+            let sr = StageRun::new(plan, run.clone(), info, exec, console.clone(), options, cancel.clone());
+            let report = sr.run().await;
+            console.status(&summary(&report));
+            if report.status != StageStatus::Success {
+                any_failed = true;
+            }
+            reports.push(report);
+        }
+        let _ = write_summary(&run_dir, &reports);
+        match signal.load(std::sync::atomic::Ordering::SeqCst) {
+            0 if any_failed => EXIT_FAILED,
+            0 => EXIT_OK,
+            sig => 128 + sig,
+        }
+    });
+    // Steps' scripts hold rendered commands (possibly secrets); logs and the summary stay.
+    let _ = std::fs::remove_dir_all(run_dir.join("steps"));
+    rt.shutdown_timeout(Duration::from_secs(1));
+    eprintln!("logs: {}", logs.display());
+    Ok(code)
+}
+
+fn apply_overrides(p: &mut Pipeline, overrides: &[(String, String)]) -> Result<()> {
+    for (k, v) in overrides {
+        let mut hit = false;
+        for var in p.variables.iter_mut().filter(|x| &x.name == k) {
+            var.value.value = v.clone();
+            hit = true;
+        }
+        for s in &mut p.stages {
+            for var in s.variables.iter_mut().filter(|x| &x.name == k) {
+                var.value.value = v.clone();
+                hit = true;
+            }
+        }
+        if !hit {
+            bail!("--var {k}: no pipeline or stage variable named `{k}`");
+        }
+    }
+    Ok(())
+}
+
+/// A stage's own `when` (`pipelineStatus`, `condition`).
+fn stage_gate(plan: &StagePlan, run: &RunInfo, pipeline_failed: bool) -> Option<String> {
+    let w = plan.when.as_ref()?;
+    match (w.status, pipeline_failed) {
+        (StatusGate::Success, true) => return Some("an earlier stage failed".into()),
+        (StatusGate::Failure, false) => return Some("runs only when the pipeline has failed".into()),
+        _ => {}
+    }
+    let c = w.condition.as_ref()?;
+    let ctx = Ctx { run, stage: None, step: None };
+    let result = crate::expr::parse_condition(&c.value)
+        .map_err(|e| e.to_string())
+        .and_then(|e| crate::expr::eval(&e, &ctx).map_err(|e| e.to_string()));
+    match result {
+        Ok(v) if crate::expr::truthy(&v) => None,
+        Ok(_) => Some("condition is false".into()),
+        Err(e) => Some(format!("condition could not be evaluated: {e}")),
+    }
+}
+
+fn stage_info(plan: &StagePlan, run: &RunInfo, file: &Path) -> std::result::Result<StageInfo, String> {
+    let mut info = StageInfo { identifier: plan.identifier.clone(), name: plan.name.clone(), vars: BTreeMap::new() };
+    for v in &plan.variables {
+        let value = {
+            let ctx = Ctx { run, stage: Some(&info), step: None };
+            render(&v.value.value, &ctx).map_err(|e| format!("{}:{}: error: stage variable `{}`: {e}", file.display(), v.value.pos, v.name))?
+        };
+        if v.var_type == VarType::Secret {
+            run.secrets.add_mask(&value);
+        }
+        info.vars.insert(v.name.clone(), value);
+    }
+    Ok(info)
+}
+
+fn write_summary(run_dir: &Path, reports: &[crate::schedule::StageReport]) -> std::io::Result<()> {
+    let stages: Vec<serde_json::Value> = reports
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "stage": r.identifier,
+                "status": format!("{:?}", r.status),
+                "duration_ms": r.duration.as_millis() as u64,
+                "steps": r.results.iter().map(|s| serde_json::json!({
+                    "id": s.id,
+                    "name": s.name,
+                    "kind": if s.background { "service" } else { "run" },
+                    "result": s.verdict.label(),
+                    "message": s.message,
+                    "duration_ms": s.duration.map(|d| d.as_millis() as u64),
+                    "attempts": s.attempts,
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    std::fs::write(run_dir.join("summary.json"), serde_json::to_vec_pretty(&serde_json::json!({ "stages": stages }))?)
+}

@@ -1,0 +1,380 @@
+//! The host executor: steps with no `image` run as processes on this machine.
+//!
+//! Owns: turning a resolved step into a script file and an argv for its shell, its environment,
+//! `runAsUser`, capturing output variables, and supervising Background services until teardown.
+//! Processes are started by `stagehand_supervisor::process` (own process group, reaped by the
+//! supervisor's reaper). Does not own: cgroups and the stage network (the stage sandbox adds
+//! them through [`HostExecutor::with_sandbox`] hooks), or what a failure means (`schedule`).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, join_all};
+use stagehand_supervisor::process::{self, Child, OutputTarget, SpawnSpec, UserSpec};
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::{Executor, LineSink, Outcome, ResolvedStep, ServiceEnd};
+use crate::model::Shell;
+
+/// Grace period for a Run step stopped by its timeout or an abort, before SIGKILL.
+const RUN_STOP_GRACE: Duration = Duration::from_secs(5);
+
+struct Service {
+    id: String,
+    child: Arc<Child>,
+    /// Set once teardown begins, so the exit watcher stays quiet about expected exits.
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+    output_done: tokio::task::JoinHandle<()>,
+}
+
+pub struct HostExecutor {
+    /// Where scripts and output-variable files go (`<run dir>/steps`).
+    dir: PathBuf,
+    stop_timeout: Duration,
+    /// stagehand's own environment, minus its secrets: the base of every host step's env.
+    base_env: Vec<(String, String)>,
+    services: Mutex<Vec<Service>>,
+}
+
+impl HostExecutor {
+    pub fn new(dir: PathBuf, stop_timeout: Duration) -> std::io::Result<HostExecutor> {
+        std::fs::create_dir_all(&dir)?;
+        // The directory must be traversable by a `runAsUser` step.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        let base_env = std::env::vars().filter(|(k, _)| !k.starts_with("STAGEHAND_SECRET_")).collect();
+        Ok(HostExecutor { dir, stop_timeout, base_env, services: Mutex::new(Vec::new()) })
+    }
+
+    /// Write the step's script and build its process spec.
+    fn prepare(&self, step: &ResolvedStep) -> Result<(SpawnSpec, Option<PathBuf>), String> {
+        let user = match &step.run_as_user {
+            Some(u) if !u.trim().is_empty() => Some(lookup_user(u.trim())?),
+            _ => None,
+        };
+        let mut outputs_file = None;
+        let argv: Vec<String> = if !step.entrypoint.is_empty() {
+            // Harness: `entrypoint` replaces the command entirely.
+            step.entrypoint.clone()
+        } else {
+            let Some(command) = &step.command else {
+                return Err(format!("step {} has neither `command` nor `entrypoint`", step.id));
+            };
+            let shell = step.shell.unwrap_or(Shell::Sh);
+            let mut script = command.clone();
+            if !script.ends_with('\n') {
+                script.push('\n');
+            }
+            if !step.output_variables.is_empty() {
+                let path = self.dir.join(format!("{}.outputs", step.id));
+                std::fs::write(&path, b"").map_err(|e| format!("create {}: {e}", path.display()))?;
+                if let Some(u) = &user {
+                    chown(&path, u)?;
+                }
+                script.push_str(&capture_code(shell, &step.output_variables, &path));
+                outputs_file = Some(path);
+            }
+            let path = self.dir.join(format!("{}.{}", step.id, extension(shell)));
+            std::fs::write(&path, script).map_err(|e| format!("write {}: {e}", path.display()))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+            let p = path.display().to_string();
+            match shell {
+                Shell::Sh => vec!["sh".into(), "-e".into(), p],
+                Shell::Bash => vec!["bash".into(), "-e".into(), "-o".into(), "pipefail".into(), p],
+                Shell::Python => vec!["python3".into(), p],
+                Shell::Pwsh | Shell::PowerShell => {
+                    vec!["pwsh".into(), "-NoLogo".into(), "-NoProfile".into(), "-NonInteractive".into(), "-File".into(), p]
+                }
+            }
+        };
+        let mut env: Vec<(String, String)> = self.base_env.clone();
+        let ws = step.workspace.display().to_string();
+        let mut set = |k: &str, v: &str| {
+            env.retain(|(ek, _)| ek != k);
+            env.push((k.to_string(), v.to_string()));
+        };
+        for (k, v) in &step.env {
+            set(k, v);
+        }
+        set("HARNESS_WORKSPACE", &ws);
+        set("STAGEHAND_WORKSPACE", &ws);
+        set("STAGEHAND_STEP_ID", &step.id);
+        if let Some(u) = &user {
+            set("USER", &u.name);
+            set("LOGNAME", &u.name);
+            set("HOME", &u.home);
+        }
+        let mut spec = SpawnSpec::new(
+            argv.into_iter().map(OsString::from),
+            env.into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            &step.workspace,
+        );
+        spec.process_group = true;
+        spec.parent_death_signal = Some(libc::SIGKILL);
+        spec.output = OutputTarget::Merged;
+        spec.user = user.map(|u| UserSpec { uid: u.uid, gid: u.gid, groups: u.groups });
+        Ok((spec, outputs_file))
+    }
+
+    fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<(Arc<Child>, tokio::task::JoinHandle<()>, Option<PathBuf>), String> {
+        let (spec, outputs) = self.prepare(step)?;
+        let mut child = process::spawn(spec).map_err(|e| e.to_string())?;
+        let stdout = child.take_stdout();
+        let id = step.id.clone();
+        let reader = tokio::spawn(async move {
+            if let Some(fd) = stdout {
+                let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
+            }
+        });
+        Ok((Arc::new(child), reader, outputs))
+    }
+}
+
+impl Executor for HostExecutor {
+    fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
+        async move {
+            let (child, reader, outputs_file) = match self.spawn(step, out) {
+                Ok(x) => x,
+                Err(e) => return Outcome::Error(e),
+            };
+            let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
+            let timed_out = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            enum End {
+                Exited,
+                Timeout,
+                Cancel,
+            }
+            let end = tokio::select! {
+                _ = child.wait() => End::Exited,
+                _ = timed_out => End::Timeout,
+                _ = cancel.cancelled() => End::Cancel,
+            };
+            // Whatever ended it, nothing of the step's process group may outlive the step.
+            let status = process::stop(&child, libc::SIGTERM, RUN_STOP_GRACE).await;
+            finish_reader(reader).await;
+            match end {
+                End::Timeout => Outcome::TimedOut,
+                End::Cancel => Outcome::Cancelled,
+                End::Exited => {
+                    let outputs = match &outputs_file {
+                        Some(p) if status.success() => read_outputs(p),
+                        _ => BTreeMap::new(),
+                    };
+                    Outcome::Exited { code: status.exit_code(), outputs }
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn start_service<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            let (child, reader, _) = self.spawn(step, out.clone())?;
+            let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            // Report a service that ends on its own while the stage runs.
+            {
+                let child = child.clone();
+                let stopping = stopping.clone();
+                let id = step.id.clone();
+                let started = Instant::now();
+                tokio::spawn(async move {
+                    let status = child.wait().await;
+                    if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                        out.line(&id, &format!("[stagehand] service exited on its own after {}: {status}", crate::units::format_duration(started.elapsed())));
+                    }
+                });
+            }
+            self.services.lock().await.push(Service { id: step.id.clone(), child, stopping, output_done: reader });
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn teardown<'a>(&'a self) -> BoxFuture<'a, (Vec<ServiceEnd>, Vec<String>)> {
+        async move {
+            let services: Vec<Service> = std::mem::take(&mut *self.services.lock().await);
+            for s in &services {
+                s.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            // Reverse start order: the signal goes out in that order as each future is first
+            // polled; the waits then overlap, so teardown takes one grace period, not N.
+            let grace = self.stop_timeout;
+            let ends = join_all(services.into_iter().rev().map(|s| async move {
+                let already = s.child.try_status();
+                let status = process::stop(&s.child, libc::SIGTERM, grace).await;
+                finish_reader(s.output_done).await;
+                let (clean, description) = match already {
+                    Some(st) => (st.success(), format!("had exited before the stage ended: {st}")),
+                    None => {
+                        let clean = status.success() || status.signal == Some(libc::SIGTERM) || status.code == Some(143);
+                        (clean, format!("stopped: {status}"))
+                    }
+                };
+                ServiceEnd { id: s.id, description, clean }
+            }))
+            .await;
+            (ends, Vec::new())
+        }
+        .boxed()
+    }
+}
+
+/// Wait for the output reader to drain, but not forever: a `setsid` grandchild may still hold
+/// the pipe open (cgroup teardown is what ends those).
+async fn finish_reader(reader: tokio::task::JoinHandle<()>) {
+    let abort = reader.abort_handle();
+    if tokio::time::timeout(Duration::from_secs(2), reader).await.is_err() {
+        abort.abort();
+    }
+}
+
+fn extension(shell: Shell) -> &'static str {
+    match shell {
+        Shell::Sh | Shell::Bash => "sh",
+        Shell::Python => "py",
+        Shell::Pwsh | Shell::PowerShell => "ps1",
+    }
+}
+
+/// Code appended to a script that writes the final value of each output variable to `file`,
+/// as `NAME\0VALUE\0` records (a shell value cannot hold NUL, so this is unambiguous).
+fn capture_code(shell: Shell, names: &[String], file: &Path) -> String {
+    let f = file.display().to_string();
+    let mut s = String::from("\n");
+    match shell {
+        Shell::Sh | Shell::Bash => {
+            let q = f.replace('\'', r"'\''");
+            for n in names {
+                let _ = writeln!(s, "printf '%s\\0%s\\0' '{n}' \"${{{n}-}}\" >> '{q}'");
+            }
+        }
+        Shell::Python => {
+            let _ = writeln!(s, "import os as __stagehand_os");
+            let _ = writeln!(s, "with open({f:?}, 'a') as __stagehand_f:");
+            for n in names {
+                let _ = writeln!(
+                    s,
+                    "    __stagehand_f.write({n:?} + '\\0' + str(globals().get({n:?}, __stagehand_os.environ.get({n:?}, ''))) + '\\0')"
+                );
+            }
+        }
+        Shell::Pwsh | Shell::PowerShell => {
+            for n in names {
+                let _ = writeln!(
+                    s,
+                    "[IO.File]::AppendAllText('{f}', '{n}' + [char]0 + $(if (Test-Path variable:{n}) {{ \"${n}\" }} else {{ \"$Env:{n}\" }}) + [char]0)"
+                );
+            }
+        }
+    }
+    s
+}
+
+fn read_outputs(path: &Path) -> BTreeMap<String, String> {
+    let data = std::fs::read(path).unwrap_or_default();
+    let text = String::from_utf8_lossy(&data);
+    let mut parts = text.split('\0');
+    let mut out = BTreeMap::new();
+    while let (Some(k), Some(v)) = (parts.next(), parts.next()) {
+        if !k.is_empty() {
+            out.insert(k.to_string(), v.to_string());
+        }
+    }
+    out
+}
+
+#[derive(Debug)]
+pub struct HostUser {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+}
+
+/// `runAsUser`: a uid or a user name, looked up in /etc/passwd and /etc/group.
+pub fn lookup_user(spec: &str) -> Result<HostUser, String> {
+    lookup_user_in(spec, Path::new("/etc/passwd"), Path::new("/etc/group"))
+}
+
+fn lookup_user_in(spec: &str, passwd: &Path, group: &Path) -> Result<HostUser, String> {
+    let pw = std::fs::read_to_string(passwd).map_err(|e| format!("read {}: {e}", passwd.display()))?;
+    let entry = pw.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 7 && (f[0] == spec || f[2] == spec));
+    let (name, uid, gid, home) = match entry {
+        Some(f) => (f[0].to_string(), f[2].parse().unwrap_or(0), f[3].parse().unwrap_or(0), f[5].to_string()),
+        None => match spec.parse::<u32>() {
+            // A bare uid with no passwd entry still runs, in its own group, as Kubernetes does.
+            Ok(uid) => (uid.to_string(), uid, uid, "/".to_string()),
+            Err(_) => return Err(format!("runAsUser: no user `{spec}` on this host (not in {})", passwd.display())),
+        },
+    };
+    let mut groups = vec![gid];
+    if let Ok(gr) = std::fs::read_to_string(group) {
+        for f in gr.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4) {
+            if f[3].split(',').any(|m| m == name) {
+                if let Ok(g) = f[2].parse() {
+                    if !groups.contains(&g) {
+                        groups.push(g);
+                    }
+                }
+            }
+        }
+    }
+    // Switching identity needs root.
+    let me = nix::unistd::geteuid().as_raw();
+    if me != 0 && me != uid {
+        return Err(format!("runAsUser `{spec}` needs stagehand to run as root (it runs as uid {me})"));
+    }
+    Ok(HostUser { name, uid, gid, groups, home })
+}
+
+fn chown(path: &Path, u: &HostUser) -> Result<(), String> {
+    std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| format!("chown {}: {e}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_roundtrip_through_sh() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("o");
+        std::fs::write(&f, "").unwrap();
+        let code = format!("A='x y'\nB=$(printf 'multi\\nline')\n{}", capture_code(Shell::Sh, &["A".into(), "B".into(), "C".into()], &f));
+        let script = dir.path().join("s.sh");
+        std::fs::write(&script, code).unwrap();
+        let out = process::run_output(["sh", "-e", script.to_str().unwrap()], [("PATH", "/usr/bin:/bin")], dir.path()).unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let vals = read_outputs(&f);
+        assert_eq!(vals["A"], "x y");
+        assert_eq!(vals["B"], "multi\nline");
+        assert_eq!(vals["C"], "");
+    }
+
+    #[test]
+    fn users_by_name_and_uid() {
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("passwd");
+        let gr = dir.path().join("group");
+        std::fs::write(&pw, "root:x:0:0:root:/root:/bin/sh\npostgres:x:105:110::/var/lib/postgresql:/bin/bash\n").unwrap();
+        std::fs::write(&gr, "postgres:x:110:\nssl-cert:x:109:postgres,other\n").unwrap();
+        if nix::unistd::geteuid().is_root() {
+            let u = lookup_user_in("postgres", &pw, &gr).unwrap();
+            assert_eq!((u.uid, u.gid, u.groups.clone()), (105, 110, vec![110, 109]));
+            assert_eq!(lookup_user_in("105", &pw, &gr).unwrap().name, "postgres");
+            assert_eq!(lookup_user_in("4242", &pw, &gr).unwrap().gid, 4242);
+        }
+        assert!(lookup_user_in("nobody-here", &pw, &gr).unwrap_err().contains("no user `nobody-here`"));
+    }
+}

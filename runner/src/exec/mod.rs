@@ -1,0 +1,81 @@
+//! Step executors: how a resolved step becomes running processes.
+//!
+//! Owns: the [`Executor`] seam between the scheduler and the ways a step can run (on the host
+//! now; in an OCI container later), and [`ResolvedStep`], a step with every expression already
+//! rendered. Does not own: when a step runs or what its failure means (`schedule`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{PullPolicy, Shell};
+
+pub mod host;
+
+/// A step ready to run: nothing left to evaluate.
+#[derive(Clone, Debug, Default)]
+pub struct ResolvedStep {
+    /// Unique in the stage (`sg1_Run_1`); the log name and hostname.
+    pub id: String,
+    pub name: String,
+    pub background: bool,
+    pub image: Option<String>,
+    pub shell: Option<Shell>,
+    pub command: Option<String>,
+    pub entrypoint: Vec<String>,
+    /// Stage variables then `envVariables`, in that order (later wins).
+    pub env: Vec<(String, String)>,
+    pub run_as_user: Option<String>,
+    pub output_variables: Vec<String>,
+    pub port_bindings: Vec<(u16, u16)>,
+    pub memory: Option<u64>,
+    pub cpu: Option<u64>,
+    pub privileged: bool,
+    pub pull_policy: Option<PullPolicy>,
+    pub timeout: Option<Duration>,
+    pub reports: Vec<String>,
+    pub workspace: PathBuf,
+}
+
+/// How a Run step ended.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// The process ran and exited (code 128+N when killed by signal N).
+    Exited { code: i32, outputs: BTreeMap<String, String> },
+    /// It ran past its timeout and was stopped.
+    TimedOut,
+    /// It could not be started, or its result could not be read.
+    Error(String),
+    /// The stage was aborted (a signal, or an Abort failure strategy) while it ran.
+    Cancelled,
+}
+
+/// Where step output goes: the console and the step's log file. Lines arrive without their
+/// newline; masking happens inside the sink.
+pub trait LineSink: Send + Sync {
+    fn line(&self, step: &str, line: &str);
+}
+
+/// A service that ended on its own while the stage ran, or at teardown.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ServiceEnd {
+    pub id: String,
+    pub description: String,
+    pub clean: bool,
+}
+
+pub trait Executor: Send + Sync {
+    /// Run a Run step to completion, stopping it at `step.timeout` or when `cancel` fires.
+    fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome>;
+
+    /// Start a Background service and return once it is started; it lives until `teardown`.
+    fn start_service<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Stop every service (reverse start order) and release everything the stage started.
+    /// Returns how each service ended and every error met on the way; never stops early.
+    fn teardown<'a>(&'a self) -> BoxFuture<'a, (Vec<ServiceEnd>, Vec<String>)>;
+}

@@ -1,0 +1,492 @@
+//! The scheduler: walks a [`StagePlan`] and decides what runs when.
+//!
+//! Owns: stage status, `when` gates and conditions, failure strategies (Ignore, MarkAsSuccess,
+//! MarkAsFailure, Abort, Retry), timeouts (handed to the executor as a deadline), rendering each
+//! step's expressions just before it runs, output variables, and the per-step results behind the
+//! summary. Does not own: processes (the [`Executor`]), or printing formats (`output`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::{BoxFuture, FutureExt, join_all};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::context::{Ctx, RunInfo, StageInfo, render};
+use crate::exec::{Executor, LineSink, Outcome, ResolvedStep};
+use crate::expr;
+use crate::model::*;
+use crate::output::Console;
+use crate::plan::{PlanNode, PlannedStep, StagePlan};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StageStatus {
+    Success,
+    Failed,
+    Aborted,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    Passed,
+    /// Failed, and the failure was marked as success by a failure strategy.
+    MarkedSuccess,
+    /// Failed, and the failure was ignored by a failure strategy.
+    Ignored,
+    Failed,
+    TimedOut,
+    /// A Background service that was started.
+    Started,
+    Skipped(String),
+    Aborted,
+}
+
+impl Verdict {
+    pub fn label(&self) -> String {
+        match self {
+            Verdict::Passed => "passed".into(),
+            Verdict::MarkedSuccess => "failed, marked as success".into(),
+            Verdict::Ignored => "failed, ignored".into(),
+            Verdict::Failed => "FAILED".into(),
+            Verdict::TimedOut => "TIMED OUT".into(),
+            Verdict::Started => "started".into(),
+            Verdict::Skipped(why) => format!("skipped ({why})"),
+            Verdict::Aborted => "aborted".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct StepResult {
+    pub id: String,
+    pub name: String,
+    pub background: bool,
+    pub verdict: Verdict,
+    pub message: Option<String>,
+    pub duration: Option<Duration>,
+    pub attempts: u32,
+}
+
+#[derive(Debug)]
+pub struct StageReport {
+    pub identifier: String,
+    pub status: StageStatus,
+    pub results: Vec<StepResult>,
+    pub duration: Duration,
+}
+
+/// Options that shape every step of a run.
+#[derive(Clone, Debug, Default)]
+pub struct RunOptions {
+    pub workspace: std::path::PathBuf,
+    pub skip_unsupported: bool,
+}
+
+pub struct StageRun {
+    pub plan: StagePlan,
+    pub run: Arc<RunInfo>,
+    pub stage: Arc<StageInfo>,
+    pub exec: Arc<dyn Executor>,
+    pub console: Arc<Console>,
+    pub options: RunOptions,
+    /// Fired by a signal to stagehand, or by an Abort failure strategy.
+    pub cancel: CancellationToken,
+    state: Mutex<State>,
+}
+
+struct State {
+    status: StageStatus,
+    results: Vec<StepResult>,
+}
+
+enum FailKind {
+    Timeout,
+    Other,
+}
+
+impl StageRun {
+    pub fn new(
+        plan: StagePlan,
+        run: Arc<RunInfo>,
+        stage: Arc<StageInfo>,
+        exec: Arc<dyn Executor>,
+        console: Arc<Console>,
+        options: RunOptions,
+        cancel: CancellationToken,
+    ) -> StageRun {
+        StageRun { plan, run, stage, exec, console, options, cancel, state: Mutex::new(State { status: StageStatus::Success, results: vec![] }) }
+    }
+
+    fn status(&self) -> StageStatus {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).status
+    }
+
+    fn fail(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.status == StageStatus::Success {
+            s.status = StageStatus::Failed;
+        }
+    }
+
+    fn abort(&self) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).status = StageStatus::Aborted;
+        self.cancel.cancel();
+    }
+
+    fn record(&self, r: StepResult) {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).results.push(r);
+    }
+
+    /// Run the stage's steps, then tear down every service, whatever happened.
+    pub async fn run(&self) -> StageReport {
+        let started = Instant::now();
+        let ids: Vec<String> = self.plan.steps().iter().map(|s| s.id.clone()).collect();
+        self.console.set_width(&ids);
+        let root = self.plan.root.clone();
+        self.node(&root).await;
+        if self.cancel.is_cancelled() {
+            let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            s.status = StageStatus::Aborted;
+        }
+        let (ends, errors) = self.exec.teardown().await;
+        for e in ends {
+            if e.clean {
+                self.console.status(&format!("    service {} {}", e.id, e.description));
+            } else {
+                self.console.status(&format!("    service {} {}", e.id, e.description));
+            }
+        }
+        for e in &errors {
+            self.console.status(&format!("    teardown: {e}"));
+        }
+        if !errors.is_empty() {
+            self.fail();
+        }
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        StageReport { identifier: self.plan.identifier.clone(), status: s.status, results: s.results.clone(), duration: started.elapsed() }
+    }
+
+    fn node<'a>(&'a self, n: &'a PlanNode) -> BoxFuture<'a, ()> {
+        async move {
+            match n {
+                PlanNode::Seq(items) => {
+                    for i in items {
+                        self.node(i).await;
+                    }
+                }
+                PlanNode::Group { body, .. } => self.node(body).await,
+                PlanNode::Parallel { members, max_concurrency } => {
+                    let sem = max_concurrency.map(|m| Arc::new(Semaphore::new(m.max(1))));
+                    join_all(members.iter().map(|m| {
+                        let sem = sem.clone();
+                        async move {
+                            let _permit = match &sem {
+                                Some(s) => s.clone().acquire_owned().await.ok(),
+                                None => None,
+                            };
+                            self.node(m).await
+                        }
+                    }))
+                    .await;
+                }
+                PlanNode::Step(s) => self.step(s).await,
+            }
+        }
+        .boxed()
+    }
+
+    fn skip(&self, s: &PlannedStep, why: &str) {
+        self.console.step_end(&s.id, &Verdict::Skipped(why.into()).label(), None);
+        self.record(StepResult {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            background: s.kind == StepKind::Background,
+            verdict: Verdict::Skipped(why.into()),
+            message: None,
+            duration: None,
+            attempts: 0,
+        });
+    }
+
+    fn ctx<'a>(&'a self, s: &'a PlannedStep) -> Ctx<'a> {
+        Ctx { run: &self.run, stage: Some(&self.stage), step: Some(s) }
+    }
+
+    /// Should the step run, given the stage status and its `when`?
+    fn gate(&self, s: &PlannedStep) -> Result<Option<String>, String> {
+        let status = self.status();
+        if status == StageStatus::Aborted {
+            return Ok(Some("stage aborted".into()));
+        }
+        let gate = s.when.as_ref().map(|w| w.status).unwrap_or(StatusGate::Success);
+        match (gate, status) {
+            (StatusGate::Success, StageStatus::Failed) => return Ok(Some("an earlier step failed".into())),
+            (StatusGate::Failure, StageStatus::Success) => return Ok(Some("runs only when the stage has failed".into())),
+            _ => {}
+        }
+        if let Some(c) = s.when.as_ref().and_then(|w| w.condition.as_ref()) {
+            let e = expr::parse_condition(&c.value).map_err(|e| format!("condition: {e}"))?;
+            let v = expr::eval(&e, &self.ctx(s)).map_err(|e| format!("condition: {e}"))?;
+            if !expr::truthy(&v) {
+                return Ok(Some("condition is false".into()));
+            }
+        }
+        Ok(None)
+    }
+
+    fn resolve(&self, s: &PlannedStep) -> Result<ResolvedStep, String> {
+        let ctx = self.ctx(s);
+        let r = |t: &Text| render(&t.value, &ctx).map_err(|e| format!("line {}: {e}", t.pos.line));
+        let spec = &s.spec;
+        let mut env: Vec<(String, String)> = self.stage.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        for (k, v) in &spec.env {
+            env.push((k.clone(), r(v)?));
+        }
+        let timeout = match &s.timeout {
+            None => None,
+            Some(Timeout::Fixed(d)) => Some(*d),
+            Some(Timeout::Expr(t)) => Some(crate::units::parse_duration(&r(t)?).map_err(|e| format!("timeout: {e}"))?),
+        };
+        Ok(ResolvedStep {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            background: s.kind == StepKind::Background,
+            image: spec.image.as_ref().map(&r).transpose()?.filter(|i| !i.trim().is_empty()),
+            shell: spec.shell,
+            command: spec.command.as_ref().map(&r).transpose()?,
+            entrypoint: spec.entrypoint.iter().map(&r).collect::<Result<_, _>>()?,
+            env,
+            run_as_user: spec.run_as_user.as_ref().map(&r).transpose()?,
+            output_variables: spec.output_variables.iter().map(|o| o.name.clone()).collect(),
+            port_bindings: spec.port_bindings.iter().map(|p| (p.host, p.container)).collect(),
+            memory: spec.memory,
+            cpu: spec.cpu,
+            privileged: spec.privileged,
+            pull_policy: spec.pull_policy,
+            timeout,
+            reports: spec.reports.iter().map(&r).collect::<Result<_, _>>()?,
+            workspace: self.options.workspace.clone(),
+        })
+    }
+
+    async fn step(&self, s: &PlannedStep) {
+        if let StepKind::Unsupported(t) = &s.kind {
+            self.skip(s, &format!("{t} is not supported by stagehand"));
+            return;
+        }
+        match self.gate(s) {
+            Ok(Some(why)) => return self.skip(s, &why),
+            Ok(None) => {}
+            Err(e) => {
+                self.console.step_start(&s.id, "");
+                return self.finish_failure(s, Instant::now(), 1, FailKind::Other, e).await;
+            }
+        }
+        let started = Instant::now();
+        let sink: Arc<dyn LineSink> = self.console.clone();
+        let resolved = match self.resolve(s) {
+            Ok(r) => r,
+            Err(e) => {
+                self.console.step_start(&s.id, "could not start");
+                return self.finish_failure(s, started, 1, FailKind::Other, e).await;
+            }
+        };
+        let place = match &resolved.image {
+            Some(i) => format!("in {i}"),
+            None => "on the host".into(),
+        };
+        if s.kind == StepKind::Background {
+            self.console.step_start(&s.id, &format!("starting service {place}"));
+            match self.exec.start_service(&resolved, sink).await {
+                Ok(()) => {
+                    self.console.step_end(&s.id, "started", Some(started.elapsed()));
+                    self.record(StepResult {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                        background: true,
+                        verdict: Verdict::Started,
+                        message: None,
+                        duration: Some(started.elapsed()),
+                        attempts: 1,
+                    });
+                }
+                Err(e) => {
+                    // Harness: Background steps have no failure strategies; a service that
+                    // cannot start fails the stage.
+                    self.console.step_end(&s.id, &format!("FAILED: {e}"), Some(started.elapsed()));
+                    self.record(StepResult {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                        background: true,
+                        verdict: Verdict::Failed,
+                        message: Some(e),
+                        duration: Some(started.elapsed()),
+                        attempts: 1,
+                    });
+                    self.fail();
+                }
+            }
+            return;
+        }
+        self.console.step_start(&s.id, &format!("running {place}"));
+        let mut attempt = 1u32;
+        // The retry budget of the strategy that first matched; retries re-enter the same loop.
+        let mut retries_left: Option<u32> = None;
+        loop {
+            let outcome = self.exec.run(&resolved, sink.clone(), self.cancel.clone()).await;
+            let (kind, message) = match outcome {
+                Outcome::Exited { code: 0, outputs } => {
+                    self.accept_outputs(s, outputs);
+                    self.console.step_end(&s.id, "passed", Some(started.elapsed()));
+                    self.record(StepResult {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                        background: false,
+                        verdict: Verdict::Passed,
+                        message: None,
+                        duration: Some(started.elapsed()),
+                        attempts: attempt,
+                    });
+                    return;
+                }
+                Outcome::Cancelled => {
+                    self.console.step_end(&s.id, "aborted", Some(started.elapsed()));
+                    self.record(StepResult {
+                        id: s.id.clone(),
+                        name: s.name.clone(),
+                        background: false,
+                        verdict: Verdict::Aborted,
+                        message: None,
+                        duration: Some(started.elapsed()),
+                        attempts: attempt,
+                    });
+                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                    st.status = StageStatus::Aborted;
+                    return;
+                }
+                Outcome::Exited { code, .. } => (FailKind::Other, format!("exit code {code}")),
+                Outcome::TimedOut => (
+                    FailKind::Timeout,
+                    format!("timed out after {}", resolved.timeout.map(crate::units::format_duration).unwrap_or_default()),
+                ),
+                Outcome::Error(e) => (FailKind::Other, e),
+            };
+            let action = pick_action(&s.failure_strategies, &kind);
+            if let Some(Action::Retry { count, intervals, .. }) = action {
+                let left = retries_left.get_or_insert(*count);
+                if *left > 0 && !self.cancel.is_cancelled() {
+                    *left -= 1;
+                    let idx = (attempt as usize - 1).min(intervals.len().saturating_sub(1));
+                    let wait = intervals.get(idx).copied().unwrap_or(Duration::ZERO);
+                    self.console.status(&format!(
+                        "    {} failed ({message}); retry {} of {count} in {}",
+                        s.id,
+                        attempt,
+                        crate::units::format_duration(wait)
+                    ));
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = self.cancel.cancelled() => {}
+                    }
+                    attempt += 1;
+                    continue;
+                }
+            }
+            return self.finish_failure(s, started, attempt, kind, message).await;
+        }
+    }
+
+    /// Apply the failure strategy (after any retries) and record the result.
+    async fn finish_failure(&self, s: &PlannedStep, started: Instant, attempts: u32, kind: FailKind, message: String) {
+        let mut action = pick_action(&s.failure_strategies, &kind).cloned().unwrap_or(Action::MarkAsFailure);
+        if let Action::Retry { on_retry_failure, .. } = action {
+            action = *on_retry_failure;
+        }
+        let base = match kind {
+            FailKind::Timeout => Verdict::TimedOut,
+            FailKind::Other => Verdict::Failed,
+        };
+        let verdict = match action {
+            Action::Ignore => Verdict::Ignored,
+            Action::MarkAsSuccess => Verdict::MarkedSuccess,
+            Action::Abort => {
+                self.abort();
+                base
+            }
+            _ => {
+                self.fail();
+                base
+            }
+        };
+        let shown = match &verdict {
+            Verdict::Ignored | Verdict::MarkedSuccess => format!("{} ({message})", verdict.label()),
+            v => format!("{}: {message}", v.label()),
+        };
+        self.console.step_end(&s.id, &shown, Some(started.elapsed()));
+        self.record(StepResult {
+            id: s.id.clone(),
+            name: s.name.clone(),
+            background: s.kind == StepKind::Background,
+            verdict,
+            message: Some(message),
+            duration: Some(started.elapsed()),
+            attempts,
+        });
+    }
+
+    fn accept_outputs(&self, s: &PlannedStep, outputs: BTreeMap<String, String>) {
+        for o in &s.spec.output_variables {
+            if o.secret {
+                if let Some(v) = outputs.get(&o.name) {
+                    self.run.secrets.add_mask(v);
+                }
+            }
+        }
+        self.run.record_outputs(&self.stage.identifier, s, outputs);
+    }
+}
+
+fn pick_action<'a>(strategies: &'a [FailureStrategy], kind: &FailKind) -> Option<&'a Action> {
+    strategies
+        .iter()
+        .find(|fs| {
+            fs.errors.iter().any(|e| match (e, kind) {
+                (ErrorKind::All, _) => true,
+                (ErrorKind::Timeout, FailKind::Timeout) => true,
+                (ErrorKind::Other, FailKind::Other) => true,
+                _ => false,
+            })
+        })
+        .map(|fs| &fs.action)
+}
+
+/// The summary table printed after a stage.
+pub fn summary(report: &StageReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let w = report.results.iter().map(|r| r.id.len()).max().unwrap_or(4).max(4);
+    let status = match report.status {
+        StageStatus::Success => "succeeded",
+        StageStatus::Failed => "FAILED",
+        StageStatus::Aborted => "ABORTED",
+    };
+    let _ = writeln!(out, "stage {} {status} in {}", report.identifier, crate::units::format_duration(report.duration));
+    let _ = writeln!(out, "  {:<w$}  {:<8}  {:>8}  result", "step", "kind", "time");
+    for r in &report.results {
+        let kind = if r.background { "service" } else { "run" };
+        let time = r.duration.map(crate::units::format_duration).unwrap_or_else(|| "-".into());
+        let mut verdict = r.verdict.label();
+        if r.attempts > 1 {
+            verdict = format!("{verdict} after {} attempts", r.attempts);
+        }
+        if let (Some(m), Verdict::Failed | Verdict::TimedOut) = (&r.message, &r.verdict) {
+            verdict = format!("{verdict}: {m}");
+        }
+        let _ = writeln!(out, "  {:<w$}  {:<8}  {:>8}  {verdict}", r.id, kind, time);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,305 @@
+//! Scheduler tests with a fake executor: order, parallelism, failure strategies, retries,
+//! timeouts, skips, output variables. No processes are started here.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use futures::future::{BoxFuture, FutureExt};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::context::{Codebase, RunInfo, Secrets, StageInfo};
+use crate::diag::Diagnostics;
+use crate::exec::{Executor, LineSink, Outcome, ResolvedStep, ServiceEnd};
+use crate::output::Console;
+use crate::plan::plan_stage;
+
+/// What the fake does for a step: a list of outcomes, one per attempt (the last repeats),
+/// each after a delay.
+#[derive(Clone)]
+struct Script {
+    outcomes: Vec<Outcome>,
+    delay: Duration,
+}
+
+#[derive(Default)]
+struct Fake {
+    scripts: HashMap<String, Script>,
+    /// (event, step id, at) in order.
+    log: Mutex<Vec<(String, String, tokio::time::Instant)>>,
+    attempts: Mutex<HashMap<String, usize>>,
+    seen: Mutex<Vec<ResolvedStep>>,
+}
+
+impl Fake {
+    fn events(&self) -> Vec<String> {
+        self.log.lock().unwrap().iter().map(|(e, id, _)| format!("{e} {id}")).collect()
+    }
+}
+
+impl Executor for Fake {
+    fn run<'a>(&'a self, step: &'a ResolvedStep, _out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
+        async move {
+            self.seen.lock().unwrap().push(step.clone());
+            let n = {
+                let mut a = self.attempts.lock().unwrap();
+                let e = a.entry(step.id.clone()).or_insert(0);
+                *e += 1;
+                *e
+            };
+            self.log.lock().unwrap().push(("start".into(), step.id.clone(), tokio::time::Instant::now()));
+            let script = self.scripts.get(&step.id).cloned().unwrap_or(Script {
+                outcomes: vec![Outcome::Exited { code: 0, outputs: BTreeMap::new() }],
+                delay: Duration::from_millis(10),
+            });
+            let outcome = script.outcomes[(n - 1).min(script.outcomes.len() - 1)].clone();
+            // A timeout in the step wins over the scripted delay, as the real executor does.
+            let limit = step.timeout.unwrap_or(Duration::from_secs(3600));
+            let result = tokio::select! {
+                _ = tokio::time::sleep(script.delay.min(limit)) => {
+                    if script.delay > limit { Outcome::TimedOut } else { outcome }
+                }
+                _ = cancel.cancelled() => Outcome::Cancelled,
+            };
+            self.log.lock().unwrap().push(("end".into(), step.id.clone(), tokio::time::Instant::now()));
+            result
+        }
+        .boxed()
+    }
+
+    fn start_service<'a>(&'a self, step: &'a ResolvedStep, _out: Arc<dyn LineSink>) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            self.log.lock().unwrap().push(("service".into(), step.id.clone(), tokio::time::Instant::now()));
+            match self.scripts.get(&step.id).and_then(|s| s.outcomes.first().cloned()) {
+                Some(Outcome::Error(e)) => Err(e),
+                _ => Ok(()),
+            }
+        }
+        .boxed()
+    }
+
+    fn teardown<'a>(&'a self) -> BoxFuture<'a, (Vec<ServiceEnd>, Vec<String>)> {
+        async move {
+            self.log.lock().unwrap().push(("teardown".into(), String::new(), tokio::time::Instant::now()));
+            (vec![], vec![])
+        }
+        .boxed()
+    }
+}
+
+fn ok() -> Outcome {
+    Outcome::Exited { code: 0, outputs: BTreeMap::new() }
+}
+
+fn fail(code: i32) -> Outcome {
+    Outcome::Exited { code, outputs: BTreeMap::new() }
+}
+
+fn script(outcomes: Vec<Outcome>, ms: u64) -> Script {
+    Script { outcomes, delay: Duration::from_millis(ms) }
+}
+
+async fn run_stage(yaml: &str, fake: Fake) -> (StageReport, Arc<Fake>) {
+    let node = crate::yaml::parse(yaml).unwrap();
+    let mut d = Diagnostics::new(Path::new("t.yaml"));
+    let p = crate::load::load(&node, &mut d).unwrap();
+    assert!(!d.has_errors(), "{:?}", d.items);
+    let plan = plan_stage(&p.stages[0]);
+    let secrets = Arc::new(Secrets::new(BTreeMap::new()));
+    let run = Arc::new(RunInfo {
+        pipeline_name: "p".into(),
+        pipeline_id: "p".into(),
+        sequence_id: 1,
+        execution_id: "x".into(),
+        codebase: Codebase::default(),
+        secrets: secrets.clone(),
+        pipeline_vars: BTreeMap::new(),
+        outputs: RwLock::new(HashMap::new()),
+    });
+    let stage = Arc::new(StageInfo { identifier: plan.identifier.clone(), name: plan.name.clone(), vars: BTreeMap::new() });
+    let fake = Arc::new(fake);
+    let console = Arc::new(Console::new(secrets, None, true));
+    let sr = StageRun::new(plan, run, stage, fake.clone(), console, RunOptions::default(), CancellationToken::new());
+    (sr.run().await, fake)
+}
+
+fn verdicts(r: &StageReport) -> Vec<String> {
+    r.results.iter().map(|s| format!("{} {}", s.id, s.verdict.label())).collect()
+}
+
+fn stage(steps: &str) -> String {
+    format!("stage:\n  identifier: s\n  type: CI\n  spec:\n    execution:\n      steps:\n{steps}")
+}
+
+fn run_step(id: &str, extra: &str) -> String {
+    format!("        - step:\n            identifier: {id}\n            type: Run\n{extra}            spec:\n              command: 'true'\n")
+}
+
+#[tokio::test(start_paused = true)]
+async fn steps_run_in_order_and_services_are_torn_down_last() {
+    let yaml = stage(&format!(
+        "        - step: {{identifier: svc, type: Background, spec: {{command: sleep 9}}}}\n{}{}",
+        run_step("a", ""),
+        run_step("b", "")
+    ));
+    let (r, fake) = run_stage(&yaml, Fake::default()).await;
+    assert_eq!(r.status, StageStatus::Success);
+    assert_eq!(fake.events(), ["service svc", "start a", "end a", "start b", "end b", "teardown "]);
+    assert_eq!(verdicts(&r), ["svc started", "a passed", "b passed"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn parallel_members_overlap_and_max_concurrency_limits() {
+    let mut f = Fake::default();
+    for id in ["p1", "p2", "p3"] {
+        f.scripts.insert(id.into(), script(vec![ok()], 100));
+    }
+    let yaml = stage(&format!("        - parallel:\n{}{}{}", run_step("p1", "").replace("        -", "            -").replace("\n            ", "\n                "), run_step("p2", "").replace("        -", "            -").replace("\n            ", "\n                "), run_step("p3", "").replace("        -", "            -").replace("\n            ", "\n                ")));
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Success);
+    let ev = fake.events();
+    assert_eq!(&ev[..3], ["start p1", "start p2", "start p3"], "all start before any ends: {ev:?}");
+
+    // A matrix with maxConcurrency 1 runs its iterations one at a time.
+    let mut f = Fake::default();
+    for id in ["m_0", "m_1"] {
+        f.scripts.insert(id.into(), script(vec![ok()], 100));
+    }
+    let yaml = stage(&run_step("m", "            strategy:\n              matrix:\n                x: [a, b]\n                maxConcurrency: 1\n"));
+    let (_, fake) = run_stage(&yaml, f).await;
+    assert_eq!(fake.events(), ["start m_0", "end m_0", "start m_1", "end m_1", "teardown "]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_skips_later_steps_unless_when_says_otherwise() {
+    let mut f = Fake::default();
+    f.scripts.insert("a".into(), script(vec![fail(3)], 10));
+    let yaml = stage(&format!(
+        "{}{}{}{}",
+        run_step("a", ""),
+        run_step("b", ""),
+        run_step("always", "            when: {stageStatus: All}\n"),
+        run_step("onfail", "            when: {stageStatus: Failure}\n")
+    ));
+    let (r, _) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Failed);
+    assert_eq!(
+        verdicts(&r),
+        ["a FAILED", "b skipped (an earlier step failed)", "always passed", "onfail passed"]
+    );
+    assert_eq!(r.results[0].message.as_deref(), Some("exit code 3"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn ignore_and_mark_as_success_keep_the_stage_green() {
+    let mut f = Fake::default();
+    f.scripts.insert("a".into(), script(vec![fail(1)], 10));
+    f.scripts.insert("b".into(), script(vec![fail(1)], 10));
+    let fs = |t: &str| format!("            failureStrategies:\n              - onFailure: {{errors: [AllErrors], action: {{type: {t}}}}}\n");
+    let yaml = stage(&format!("{}{}{}", run_step("a", &fs("Ignore")), run_step("b", &fs("MarkAsSuccess")), run_step("c", "")));
+    let (r, _) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Success);
+    assert_eq!(verdicts(&r), ["a failed, ignored", "b failed, marked as success", "c passed"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_until_success_waits_the_intervals() {
+    let mut f = Fake::default();
+    f.scripts.insert("a".into(), script(vec![fail(1), fail(1), ok()], 10));
+    let yaml = stage(&run_step(
+        "a",
+        "            failureStrategies:\n              - onFailure:\n                  errors: [AllErrors]\n                  action:\n                    type: Retry\n                    spec:\n                      retryCount: 3\n                      retryIntervals: [1s, 2s]\n                      onRetryFailure: {action: {type: MarkAsFailure}}\n",
+    ));
+    let t0 = tokio::time::Instant::now();
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Success);
+    assert_eq!(r.results[0].attempts, 3);
+    let starts: Vec<_> = fake.log.lock().unwrap().iter().filter(|e| e.0 == "start").map(|e| e.2 - t0).collect();
+    assert_eq!(starts.len(), 3);
+    assert!(starts[1] >= Duration::from_millis(1010) && starts[2] >= starts[1] + Duration::from_secs(2), "{starts:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_exhausted_apply_on_retry_failure() {
+    let mut f = Fake::default();
+    f.scripts.insert("a".into(), script(vec![fail(1)], 10));
+    let yaml = stage(&format!(
+        "{}{}",
+        run_step(
+            "a",
+            "            failureStrategies:\n              - onFailure:\n                  errors: [AllErrors]\n                  action:\n                    type: Retry\n                    spec:\n                      retryCount: 2\n                      retryIntervals: [1s]\n                      onRetryFailure: {action: {type: Ignore}}\n",
+        ),
+        run_step("b", "")
+    ));
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(*fake.attempts.lock().unwrap().get("a").unwrap(), 3);
+    assert_eq!(verdicts(&r), ["a failed, ignored", "b passed"]);
+    assert_eq!(r.status, StageStatus::Success);
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeout_fails_as_timeout_and_matches_timeout_strategies() {
+    let mut f = Fake::default();
+    f.scripts.insert("slow".into(), script(vec![ok()], 60_000));
+    f.scripts.insert("slow2".into(), script(vec![ok()], 60_000));
+    let yaml = stage(&format!(
+        "{}{}",
+        run_step("slow", "            timeout: 1s\n            failureStrategies:\n              - onFailure: {errors: [Unknown], action: {type: Ignore}}\n              - onFailure: {errors: [Timeout], action: {type: MarkAsSuccess}}\n"),
+        run_step("slow2", "            timeout: 2s\n")
+    ));
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(verdicts(&r), ["slow failed, marked as success", "slow2 TIMED OUT"]);
+    assert_eq!(r.status, StageStatus::Failed);
+    assert_eq!(fake.seen.lock().unwrap()[0].timeout, Some(Duration::from_secs(1)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn abort_cancels_running_parallel_steps_and_skips_the_rest() {
+    let mut f = Fake::default();
+    f.scripts.insert("quick".into(), script(vec![fail(1)], 10));
+    f.scripts.insert("long".into(), script(vec![ok()], 60_000));
+    let indent = |s: String| s.replace("        -", "            -").replace("\n            ", "\n                ");
+    let yaml = stage(&format!(
+        "        - parallel:\n{}{}{}",
+        indent(run_step("quick", "            failureStrategies:\n              - onFailure: {errors: [AllErrors], action: {type: Abort}}\n")),
+        indent(run_step("long", "")),
+        run_step("after", "            when: {stageStatus: All}\n")
+    ));
+    let (r, _) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Aborted);
+    let mut v = verdicts(&r);
+    v.sort();
+    assert_eq!(v, ["after skipped (stage aborted)", "long aborted", "quick FAILED"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn output_variables_and_conditions_flow_between_steps() {
+    let mut f = Fake::default();
+    let mut outputs = BTreeMap::new();
+    outputs.insert("COLOR".to_string(), "blue".to_string());
+    f.scripts.insert("a".into(), script(vec![Outcome::Exited { code: 0, outputs }], 10));
+    let yaml = stage(&format!(
+        "{}{}{}",
+        "        - step:\n            identifier: a\n            type: Run\n            spec:\n              command: COLOR=blue\n              outputVariables: [{name: COLOR}]\n",
+        "        - step:\n            identifier: b\n            type: Run\n            when: {stageStatus: Success, condition: '<+steps.a.output.outputVariables.COLOR> == \"blue\"'}\n            spec:\n              command: echo <+steps.a.output.outputVariables.COLOR>\n              envVariables: {C: <+execution.steps.a.output.outputVariables.COLOR>}\n",
+        "        - step:\n            identifier: c\n            type: Run\n            when: {stageStatus: Success, condition: '<+steps.a.output.outputVariables.COLOR> == \"red\"'}\n            spec:\n              command: 'true'\n",
+    ));
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(verdicts(&r), ["a passed", "b passed", "c skipped (condition is false)"]);
+    let seen = fake.seen.lock().unwrap();
+    assert_eq!(seen[1].command.as_deref(), Some("echo blue"));
+    assert!(seen[1].env.contains(&("C".to_string(), "blue".to_string())));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_that_cannot_start_fails_the_stage() {
+    let mut f = Fake::default();
+    f.scripts.insert("svc".into(), script(vec![Outcome::Error("executable not found: nope".into())], 0));
+    let yaml = stage(&format!("        - step: {{identifier: svc, type: Background, spec: {{command: nope}}}}\n{}", run_step("a", "")));
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Failed);
+    assert_eq!(verdicts(&r), ["svc FAILED", "a skipped (an earlier step failed)"]);
+    assert!(fake.events().contains(&"teardown ".to_string()));
+}

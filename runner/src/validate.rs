@@ -1,0 +1,409 @@
+//! Validation across the whole file: expressions and the names they use, port clashes.
+//!
+//! Owns: checks that need more than one place in the file: does `<+steps.Run_1.output...>` name
+//! a step and an output variable that exist, is `<+matrix.os>` used inside a matrix, do two
+//! services bind one host port. Runs after `load` on the typed model; adds to the same
+//! [`Diagnostics`]. Does not own: per-field shape checks (`load`), evaluation (`context`).
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::diag::{Diagnostics, did_you_mean};
+use crate::expr::{self, Path as RefPath, Seg};
+use crate::model::*;
+use crate::plan::{PlannedStep, plan_stage};
+use crate::yaml::Pos;
+
+/// Names every expression may use at the top.
+pub const ROOTS: &[&str] = &[
+    "pipeline", "stage", "step", "steps", "execution", "secrets", "codebase", "trigger", "env",
+    "matrix", "strategy", "repeat", "variable", "input", "stages", "serviceVariables", "artifact",
+];
+
+struct Scope<'a> {
+    stage: &'a Stage,
+    /// identifier → output variable names, for every step in the stage (groups flattened), and
+    /// group-qualified `G.ID` too.
+    outputs: HashMap<String, Vec<String>>,
+    /// The step being checked, if any.
+    step: Option<&'a PlannedStep>,
+    /// Matrix axes / repeat items / any strategy, for the step being checked.
+    axes: Vec<String>,
+    looped: bool,
+    repeat_items: bool,
+}
+
+pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
+    let lines: Vec<&str> = source.lines().collect();
+    let v = Validator { lines, p };
+    for var in &p.variables {
+        let scope = v.scope(None, None);
+        v.template(&var.value, scope.as_ref(), diags);
+    }
+    for stage in &p.stages {
+        if stage.unsupported {
+            continue;
+        }
+        let base = v.scope(Some(stage), None);
+        for var in &stage.variables {
+            v.template(&var.value, base.as_ref(), diags);
+        }
+        if let Some(c) = stage.when.as_ref().and_then(|w| w.condition.as_ref()) {
+            v.condition(c, base.as_ref(), diags);
+        }
+        let plan = plan_stage(stage);
+        let mut host_ports: BTreeMap<u16, String> = BTreeMap::new();
+        // Each step once (not once per loop iteration).
+        let mut checked = std::collections::HashSet::new();
+        for step in plan.steps() {
+            if matches!(step.kind, StepKind::Background) {
+                for pb in &step.spec.port_bindings {
+                    if let Some(other) = host_ports.get(&pb.host) {
+                        if *other != step.id {
+                            diags.error(pb.pos, format!("host port {} is bound by both `{other}` and `{}`", pb.host, step.id));
+                        }
+                    } else {
+                        host_ports.insert(pb.host, step.id.clone());
+                    }
+                }
+            }
+            if !checked.insert(step.pos) {
+                continue;
+            }
+            let scope = v.scope(Some(stage), Some(&step));
+            let scope = scope.as_ref();
+            let s = &step.spec;
+            for t in s.image.iter().chain(s.command.iter()).chain(s.entrypoint.iter()).chain(s.run_as_user.iter()).chain(s.reports.iter()) {
+                v.template(t, scope, diags);
+            }
+            for (_, t) in &s.env {
+                v.template(t, scope, diags);
+            }
+            if let Some(Timeout::Expr(t)) = &step.timeout {
+                v.template(t, scope, diags);
+            }
+            if let Some(c) = step.when.as_ref().and_then(|w| w.condition.as_ref()) {
+                v.condition(c, scope, diags);
+            }
+        }
+    }
+}
+
+struct Validator<'a> {
+    lines: Vec<&'a str>,
+    p: &'a Pipeline,
+}
+
+impl<'a> Validator<'a> {
+    fn scope(&self, stage: Option<&'a Stage>, step: Option<&'a PlannedStep>) -> Option<Scope<'a>> {
+        let stage = stage?;
+        let mut outputs: HashMap<String, Vec<String>> = HashMap::new();
+        fn walk(items: &[Item], group: Option<&str>, out: &mut HashMap<String, Vec<String>>) {
+            for i in items {
+                match i {
+                    Item::Step(s) => {
+                        let names: Vec<String> = s.spec.output_variables.iter().map(|o| o.name.clone()).collect();
+                        if let Some(g) = group {
+                            out.insert(format!("{g}.steps.{}", s.identifier), names.clone());
+                        }
+                        out.entry(s.identifier.clone()).or_default().extend(names);
+                    }
+                    Item::Parallel(m, _) => walk(m, group, out),
+                    Item::Group(g) => {
+                        out.entry(g.identifier.clone()).or_default();
+                        walk(&g.steps, Some(&g.identifier), out);
+                    }
+                }
+            }
+        }
+        walk(&stage.steps, None, &mut outputs);
+        let (axes, looped, repeat_items) = match step.and_then(|s| s.loop_ctx.as_ref()) {
+            Some(ctx) => (ctx.matrix.keys().cloned().collect(), true, ctx.item.is_some()),
+            None => (vec![], false, false),
+        };
+        Some(Scope { stage, outputs, step, axes, looped, repeat_items })
+    }
+
+    fn template(&self, t: &Text, scope: Option<&Scope>, diags: &mut Diagnostics) {
+        if !t.value.contains("<+") || crate::load::is_unresolved(&t.value) {
+            return;
+        }
+        match expr::parse_template(&t.value) {
+            Err(e) => diags.error(self.locate(t, e.offset), e.to_string()),
+            Ok(tpl) => {
+                for path in tpl.references() {
+                    let off = offset_of(&t.value, path);
+                    if let Err(msg) = check_ref(path, scope, self.p) {
+                        diags.error(self.locate(t, off), msg);
+                    }
+                }
+            }
+        }
+    }
+
+    fn condition(&self, t: &Text, scope: Option<&Scope>, diags: &mut Diagnostics) {
+        if crate::load::is_unresolved(&t.value) {
+            return;
+        }
+        match expr::parse_condition(&t.value) {
+            Err(e) => diags.error(self.locate(t, e.offset), e.to_string()),
+            Ok(e) => {
+                for path in expr::references(&e) {
+                    if let Err(msg) = check_ref(path, scope, self.p) {
+                        diags.error(self.locate(t, offset_of(&t.value, path)), msg);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The file position of byte `offset` inside a text value. Exact for plain and quoted
+    /// one-line scalars; for block scalars (`command: |`) it finds the value's line in the file.
+    fn locate(&self, t: &Text, offset: usize) -> Pos {
+        let offset = offset.min(t.value.len());
+        let before = &t.value[..offset];
+        let line_in_value = before.matches('\n').count();
+        let col_in_line = before.rsplit('\n').next().map(|s| s.chars().count()).unwrap_or(0);
+        let src_line = self.lines.get(t.pos.line as usize - 1).copied().unwrap_or("");
+        let rest = src_line.get(t.pos.col as usize - 1..).unwrap_or("");
+        let block = rest.starts_with('|') || rest.starts_with('>');
+        if !block && line_in_value == 0 {
+            let quoted = rest.starts_with('"') || rest.starts_with('\'');
+            return Pos { line: t.pos.line, col: t.pos.col + col_in_line as u32 + u32::from(quoted) };
+        }
+        // Find the text of that value line in the source below the key.
+        let value_line = t.value.lines().nth(line_in_value).unwrap_or("");
+        // A block scalar's text starts on the line after the key; a multi-line plain or quoted
+        // one starts on the key's line.
+        let start = t.pos.line as usize - usize::from(!block);
+        for (i, l) in self.lines.iter().enumerate().skip(start) {
+            if !value_line.trim().is_empty() {
+                if let Some(c) = l.find(value_line.trim_start()) {
+                    let indent = value_line.len() - value_line.trim_start().len();
+                    let col = l[..c].chars().count() + (col_in_line.saturating_sub(indent));
+                    return Pos { line: i as u32 + 1, col: col as u32 + 1 };
+                }
+            }
+        }
+        t.pos
+    }
+}
+
+/// Where a reference is written in `s`: the first `<+` followed by its first name.
+fn offset_of(s: &str, path: &RefPath) -> usize {
+    let first = match path.segs.first() {
+        Some(Seg::Name(n)) | Some(Seg::Call(n, _)) => n.as_str(),
+        _ => return 0,
+    };
+    let mut from = 0;
+    while let Some(i) = s[from..].find("<+") {
+        let at = from + i;
+        if s[at + 2..].trim_start().starts_with(first) {
+            return at;
+        }
+        from = at + 2;
+    }
+    0
+}
+
+fn names(path: &RefPath) -> Vec<String> {
+    path.segs
+        .iter()
+        .map(|s| match s {
+            Seg::Name(n) | Seg::Call(n, _) => n.clone(),
+            Seg::Index(_) => "[]".into(),
+        })
+        .collect()
+}
+
+/// Is this reference to something that exists? Err is the user-facing message.
+fn check_ref(path: &RefPath, scope: Option<&Scope>, p: &Pipeline) -> Result<(), String> {
+    let n = names(path);
+    let shown = format!("<+{}>", n.join("."));
+    let Some(root) = n.first() else { return Ok(()) };
+    let pipeline_var = |x: &str| -> Result<(), String> {
+        if p.variables.iter().any(|v| v.name == x) {
+            return Ok(());
+        }
+        let names: Vec<&str> = p.variables.iter().map(|v| v.name.as_str()).collect();
+        let hint = did_you_mean(x, &names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+        Err(format!("unknown pipeline variable `{x}` in {shown}{hint}"))
+    };
+    match root.as_str() {
+        "pipeline" => match n.get(1).map(String::as_str) {
+            Some("variables") => match n.get(2) {
+                Some(x) => pipeline_var(x),
+                None => Ok(()),
+            },
+            Some("stages") => check_fq_step(&n[2..], &shown, p),
+            _ => Ok(()),
+        },
+        "stage" => match (n.get(1).map(String::as_str), n.get(2), scope) {
+            (Some("variables"), Some(x), Some(sc)) => {
+                if sc.stage.variables.iter().any(|v| &v.name == x) {
+                    Ok(())
+                } else {
+                    let names: Vec<&str> = sc.stage.variables.iter().map(|v| v.name.as_str()).collect();
+                    let hint = did_you_mean(x, &names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+                    Err(format!("unknown stage variable `{x}` in {shown}{hint}"))
+                }
+            }
+            (Some("variables"), Some(_), None) => Err(format!("{shown} is used outside a stage")),
+            _ => Ok(()),
+        },
+        "variable" => match (n.get(1), scope) {
+            (Some(x), Some(sc)) if sc.stage.variables.iter().any(|v| &v.name == x) => Ok(()),
+            (Some(x), _) => pipeline_var(x),
+            _ => Ok(()),
+        },
+        "step" => match scope.and_then(|s| s.step) {
+            Some(_) => Ok(()),
+            None => Err(format!("{shown} is used outside a step")),
+        },
+        "steps" | "execution" => {
+            let rest: &[String] = if root == "execution" {
+                if n.get(1).map(String::as_str) != Some("steps") {
+                    return Ok(());
+                }
+                &n[2..]
+            } else {
+                &n[1..]
+            };
+            match scope {
+                Some(sc) => check_step_ref(rest, &sc.outputs, &shown, &sc.stage.identifier),
+                None => Err(format!("{shown} is used outside a stage")),
+            }
+        }
+        "matrix" => match scope {
+            Some(sc) if !sc.axes.is_empty() => match n.get(1) {
+                Some(k) if sc.axes.contains(k) => Ok(()),
+                Some(k) => Err(format!("unknown matrix axis `{k}` in {shown}: the axes are {}", sc.axes.join(", "))),
+                None => Ok(()),
+            },
+            _ => Err(format!("{shown} is used outside a step or step group with a `matrix` strategy")),
+        },
+        "strategy" => match scope {
+            Some(sc) if sc.looped => Ok(()),
+            _ => Err(format!("{shown} is used outside a step or step group with a looping `strategy`")),
+        },
+        "repeat" => match scope {
+            Some(sc) if sc.repeat_items => Ok(()),
+            _ => Err(format!("{shown} is used outside a step or step group with a `repeat` strategy over `items`")),
+        },
+        r if ROOTS.contains(&r) => Ok(()),
+        other => {
+            let hint = did_you_mean(other, ROOTS).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+            Err(format!("unknown expression {shown}: `{other}` is not a known name{hint}"))
+        }
+    }
+}
+
+/// `ID.output.outputVariables.V` or `G.steps.ID.output.outputVariables.V`.
+fn check_step_ref(rest: &[String], outputs: &HashMap<String, Vec<String>>, shown: &str, stage: &str) -> Result<(), String> {
+    let Some(first) = rest.first() else { return Ok(()) };
+    let (key, tail) = if rest.get(1).map(String::as_str) == Some("steps") && rest.len() >= 3 {
+        (format!("{first}.steps.{}", rest[2]), &rest[3..])
+    } else {
+        (first.clone(), &rest[1..])
+    };
+    let Some(vars) = outputs.get(&key) else {
+        let mut known: Vec<&str> = outputs.keys().map(String::as_str).collect();
+        known.sort();
+        let hint = did_you_mean(&key, &known).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+        return Err(format!("{shown} names step `{key}`, which is not in stage `{stage}`{hint}"));
+    };
+    if tail.first().map(String::as_str) == Some("output") && tail.get(1).map(String::as_str) == Some("outputVariables") {
+        if let Some(v) = tail.get(2) {
+            if !vars.contains(v) {
+                return Err(format!("{shown}: step `{key}` has no output variable `{v}`"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `<+pipeline.stages.S.spec.execution.steps.[G.steps.]ID.output.outputVariables.V>`.
+fn check_fq_step(rest: &[String], shown: &str, p: &Pipeline) -> Result<(), String> {
+    let Some(sid) = rest.first() else { return Ok(()) };
+    let Some(stage) = p.stages.iter().find(|s| &s.identifier == sid) else {
+        return Err(format!("{shown} names stage `{sid}`, which is not in the pipeline"));
+    };
+    if rest.get(1..4).is_some_and(|s| s == ["spec", "execution", "steps"]) {
+        let v = Validator { lines: vec![], p };
+        if let Some(sc) = v.scope(Some(stage), None) {
+            return check_step_ref(&rest[4..], &sc.outputs, shown, sid);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn check(src: &str) -> Vec<String> {
+        let node = crate::yaml::parse(src).unwrap();
+        let mut d = Diagnostics::new(Path::new("t.yaml"));
+        let p = crate::load::load(&node, &mut d).unwrap();
+        validate(&p, src, &mut d);
+        d.finish();
+        d.items.iter().map(|i| format!("{}:{} {}", i.pos.line, i.pos.col, i.message)).collect()
+    }
+
+    const BASE: &str = "pipeline:
+  identifier: p
+  variables:
+    - name: host
+      type: String
+      value: localhost
+  stages:
+    - stage:
+        identifier: s
+        type: CI
+        variables:
+          - name: port
+            type: String
+            value: '5432'
+        spec:
+          execution:
+            steps:
+              - step:
+                  identifier: a
+                  type: Run
+                  spec:
+                    command: echo hi; X=1
+                    outputVariables:
+                      - name: X
+              - step:
+                  identifier: b
+                  type: Run
+                  when:
+                    stageStatus: All
+                    condition: <+steps.a.output.outputVariables.X> == \"1\"
+                  spec:
+                    command: echo <+pipeline.variables.host>:<+stage.variables.port> <+steps.a.output.outputVariables.X>
+";
+
+    #[test]
+    fn known_references_pass() {
+        assert_eq!(check(BASE), Vec::<String>::new());
+    }
+
+    #[test]
+    fn unknown_references_are_reported_at_their_place() {
+        let src = BASE.replace("<+stage.variables.port>", "<+stage.variables.prot>").replace("outputVariables.X> ==", "outputVariables.Y> ==");
+        let errs = check(&src);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("30:32 <+steps.a.output.outputVariables.Y>: step `a` has no output variable `Y`"), "{errs:?}");
+        assert!(errs[1].starts_with("32:62 unknown stage variable `prot`"), "{errs:?}");
+        assert!(errs[1].contains("did you mean `port`?"), "{errs:?}");
+    }
+
+    #[test]
+    fn matrix_outside_matrix_is_an_error() {
+        let src = BASE.replace("echo hi; X=1", "echo <+matrix.os>");
+        let errs = check(&src);
+        assert_eq!(errs.len(), 1, "{errs:?}");
+        assert!(errs[0].contains("outside a step or step group with a `matrix` strategy"), "{errs:?}");
+    }
+}
