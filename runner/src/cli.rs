@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::{Codebase, Ctx, RunInfo, Secrets, StageInfo, render};
 use crate::diag::Diagnostics;
-use crate::exec::host::HostExecutor;
+use crate::exec::host::{DefaultLimits, HostExecutor};
+use stagehand_supervisor::cgroup::Limits;
 use crate::inputs::InputValues;
 use crate::model::{Pipeline, StatusGate, VarType};
 use crate::output::Console;
@@ -42,6 +43,21 @@ pub enum Command {
     Validate(FileArgs),
     /// Print the execution tree: what runs in order and what in parallel.
     Plan(FileArgs),
+    /// Remove everything that runs killed with SIGKILL left behind (processes, cgroups,
+    /// network namespaces). `stagehand run` does this first on its own.
+    Gc,
+    /// List running stages and their services.
+    Ps,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetworkArg {
+    /// One network namespace per stage, with outbound access through slirp4netns.
+    Stage,
+    /// One network namespace per stage, loopback only.
+    None,
+    /// The host's network namespace.
+    Host,
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +101,27 @@ pub struct RunArgs {
     /// Show only step status lines and the output of failing steps.
     #[arg(long, short)]
     pub quiet: bool,
+    /// How steps see the network: `stage` (a namespace per stage, step ids as hostnames,
+    /// outbound through slirp4netns), `none` (the namespace, no outbound), `host`.
+    #[arg(long, value_enum, default_value = "stage")]
+    pub network: NetworkArg,
+    /// Default memory limit of Run steps that set none (Background steps: 500Mi).
+    #[arg(long, value_name = "QUANTITY", value_parser = parse_memory_arg)]
+    pub run_memory: Option<u64>,
+    /// Default CPU limit of Run steps that set none (Background steps: 400m).
+    #[arg(long, value_name = "QUANTITY", value_parser = parse_cpu_arg)]
+    pub run_cpu: Option<u64>,
+    /// Maximum number of processes in each step's cgroup.
+    #[arg(long, default_value_t = 4096)]
+    pub pids_limit: u64,
+}
+
+fn parse_memory_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_memory(s).map_err(|e| e.to_string())
+}
+
+fn parse_cpu_arg(s: &str) -> Result<u64, String> {
+    crate::units::parse_cpu(s).map_err(|e| e.to_string())
 }
 
 fn parse_duration_arg(s: &str) -> Result<Duration, String> {
@@ -100,6 +137,8 @@ pub fn main() -> i32 {
         Command::Validate(a) => validate_cmd(&a),
         Command::Plan(a) => plan_cmd(&a),
         Command::Run(a) => run_cmd(a),
+        Command::Gc => gc_cmd(),
+        Command::Ps => ps_cmd(),
     };
     match result {
         Ok(code) => code,
@@ -294,6 +333,12 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
     // every descendant is reaped by it.
     stagehand_supervisor::reaper::install().context("install the process reaper")?;
 
+    // Undo whatever earlier runs killed with SIGKILL left behind.
+    for r in stagehand_supervisor::stage::gc(&run_dir_base()) {
+        for e in &r.errors {
+            eprintln!("stagehand: cleaning up run {}: {e}", r.run_id);
+        }
+    }
     let run_id = new_run_id();
     let run_dir = run_dir_base().join(&run_id);
     let logs = run_dir.join("logs");
@@ -370,11 +415,39 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
             };
             console.stage_start(&plan.identifier, &plan.name);
             let steps_dir = run_dir.join("steps").join(&plan.identifier);
-            let exec = match HostExecutor::new(steps_dir, a.stop_timeout) {
-                Ok(e) => Arc::new(e),
+            let sandbox = match stage_sandbox(&a, &plan, &run_dir, &run_id, &console) {
+                Ok(s) => s,
                 Err(e) => {
+                    console.status(&format!("stagehand: {e}"));
+                    any_failed = true;
+                    break;
+                }
+            };
+            if let Some(Err(e)) = sandbox.as_ref().map(|sb| sb.start_forwarders()) {
+                console.status(&format!("stagehand: stage {}: {e}", plan.identifier));
+                if let Some(sb) = sandbox {
+                    for err in sb.teardown().await {
+                        console.status(&format!("    teardown: {err}"));
+                    }
+                }
+                any_failed = true;
+                break;
+            }
+            let limits = DefaultLimits {
+                run: Limits { memory_bytes: a.run_memory, cpu_millis: a.run_cpu, pids: Some(a.pids_limit) },
+                background: Limits { pids: Some(a.pids_limit), ..stagehand_supervisor::stage::BACKGROUND_DEFAULTS },
+            };
+            let exec = match HostExecutor::new(steps_dir, a.stop_timeout, sandbox, limits) {
+                Ok(e) => Arc::new(e),
+                Err((e, sandbox)) => {
                     console.status(&format!("stagehand: cannot prepare stage {}: {e}", plan.identifier));
-                    return EXIT_FAILED;
+                    if let Some(sb) = sandbox {
+                        for err in sb.teardown().await {
+                            console.status(&format!("    teardown: {err}"));
+                        }
+                    }
+                    any_failed = true;
+                    break;
                 }
             };
             let options = RunOptions { workspace: workspace.clone(), skip_unsupported: a.file.skip_unsupported };
@@ -398,6 +471,97 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
     rt.shutdown_timeout(Duration::from_secs(1));
     eprintln!("logs: {}", logs.display());
     Ok(code)
+}
+
+fn gc_cmd() -> Result<i32> {
+    let reports = stagehand_supervisor::stage::gc(&run_dir_base());
+    let mut failed = false;
+    for r in &reports {
+        for what in &r.removed {
+            println!("run {}: removed {what}", r.run_id);
+        }
+        for e in &r.errors {
+            failed = true;
+            eprintln!("run {}: {e}", r.run_id);
+        }
+    }
+    if reports.is_empty() {
+        println!("nothing to clean up");
+    }
+    Ok(if failed { EXIT_FAILED } else { EXIT_OK })
+}
+
+fn ps_cmd() -> Result<i32> {
+    let runs = stagehand_supervisor::stage::running(&run_dir_base());
+    if runs.is_empty() {
+        println!("no running stages");
+    }
+    for (dir, st) in runs {
+        let up = std::fs::metadata(dir.join("state.json"))
+            .and_then(|m| m.created().or_else(|_| m.modified()))
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map(crate::units::format_duration)
+            .unwrap_or_default();
+        println!("run {} (stagehand pid {}, up {up})", st.run_id, st.pid);
+        for c in &st.cgroups {
+            println!("  cgroup {}", c.display());
+        }
+        for n in &st.netns {
+            println!("  netns  {}", n.display());
+        }
+        if !st.ports.is_empty() {
+            let ports: Vec<String> = st.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+            println!("  ports  {}", ports.join(" "));
+        }
+        for (id, pid) in &st.services {
+            println!("  service {id} pid {pid}");
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+/// Build the stage pod. Without root there are no namespaces or cgroups yet (rootless comes
+/// with user namespaces): steps then run bare on the host, and we say so once.
+fn stage_sandbox(a: &RunArgs, plan: &StagePlan, run_dir: &Path, run_id: &str, console: &Console) -> Result<Option<stagehand_supervisor::stage::Stage>, String> {
+    use stagehand_supervisor::forward::PortBinding;
+    use stagehand_supervisor::stage::{Network, Stage, StageConfig};
+    if !nix::unistd::geteuid().is_root() {
+        console.status("    note: not running as root: no stage network namespace or cgroup limits; steps share the host's network");
+        return Ok(None);
+    }
+    let steps = plan.steps();
+    let mut hostnames: Vec<String> = steps.iter().map(|s| s.id.clone()).collect();
+    hostnames.dedup();
+    let port_bindings = steps
+        .iter()
+        .flat_map(|s| s.spec.port_bindings.iter().map(|p| PortBinding { host_port: p.host, target_port: p.container, owner: s.id.clone() }))
+        .collect();
+    let network = match a.network {
+        NetworkArg::Stage => Network::Isolated { outbound: true },
+        NetworkArg::None => Network::Isolated { outbound: false },
+        NetworkArg::Host => Network::Host,
+    };
+    let slirp = find_in_path("slirp4netns");
+    if a.network == NetworkArg::Stage && slirp.is_none() {
+        return Err("slirp4netns not found: install it (apt-get install slirp4netns) for outbound access from the stage, or pass --network none (loopback only) or --network host".into());
+    }
+    let cfg = StageConfig {
+        run_dir: run_dir.to_path_buf(),
+        run_id: run_id.to_string(),
+        stage_id: plan.identifier.clone(),
+        cgroup_root: Some(PathBuf::from(stagehand_supervisor::cgroup::DEFAULT_ROOT)),
+        network,
+        hostnames,
+        port_bindings,
+        slirp4netns: slirp.unwrap_or_else(|| PathBuf::from("slirp4netns")),
+    };
+    Stage::create(cfg).map(Some).map_err(|e| format!("stage {}: {e}", plan.identifier))
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
 }
 
 fn apply_overrides(p: &mut Pipeline, overrides: &[(String, String)]) -> Result<()> {

@@ -54,8 +54,10 @@ const KNOWN_STEP_TYPES: &[&str] = &[
 
 const RUN_TYPES: &[&str] = &["Run", "Background"];
 
+// `template` is acted on in each place it may appear (pipeline, stage, step group, step): it
+// is reported as not supported rather than as an unknown key.
 const STEP_ACTED: &[&str] =
-    &["identifier", "name", "type", "spec", "timeout", "when", "failureStrategies", "strategy"];
+    &["identifier", "name", "type", "spec", "timeout", "when", "failureStrategies", "strategy", "template"];
 const STEP_IGNORED: &[&str] = &["enforce"];
 
 const SPEC_COMMON: &[&str] = &[
@@ -65,21 +67,23 @@ const SPEC_COMMON: &[&str] = &[
 const SPEC_RUN_ONLY: &[&str] = &["outputVariables"];
 const SPEC_IGNORED: &[&str] = &["connectorRef"];
 
-const GROUP_ACTED: &[&str] = &["identifier", "name", "steps", "when", "failureStrategies", "strategy"];
+const GROUP_ACTED: &[&str] =
+    &["identifier", "name", "steps", "when", "failureStrategies", "strategy", "template"];
 const GROUP_IGNORED: &[&str] = &["delegateSelectors", "sharedPaths", "stepGroupInfra", "variables"];
 
 const STAGE_ACTED: &[&str] =
-    &["identifier", "name", "type", "spec", "variables", "when", "failureStrategies", "strategy"];
+    &["identifier", "name", "type", "spec", "variables", "when", "failureStrategies", "strategy", "template"];
 const STAGE_IGNORED: &[&str] =
     &["delegateSelectors", "tags", "timeout", "runMode", "pipelineVariables"];
 
-const CI_SPEC_ACTED: &[&str] = &["execution", "infrastructure"];
+// `serviceDependencies` (the legacy form of Background steps) is reported as not supported.
+const CI_SPEC_ACTED: &[&str] = &["execution", "infrastructure", "serviceDependencies"];
 const CI_SPEC_IGNORED: &[&str] = &[
     "buildIntelligence", "caching", "cloneCodebase", "platform", "runtime", "sharedPaths",
     "slsa_provenance", "delegateSelectors",
 ];
 
-const PIPELINE_ACTED: &[&str] = &["identifier", "name", "stages", "variables"];
+const PIPELINE_ACTED: &[&str] = &["identifier", "name", "stages", "variables", "template"];
 const PIPELINE_IGNORED: &[&str] = &[
     "allowStageExecutions", "delegateSelectors", "fixedInputsOnRerun", "flowControl",
     "notificationRules", "orgIdentifier", "projectIdentifier", "properties", "tags", "timeout",
@@ -267,6 +271,8 @@ impl Loader<'_> {
         };
         let mut stages = Vec::new();
         match p.get("stages") {
+            // A pipeline made from a template has its stages there (reported above).
+            None if p.get("template").is_some() => {}
             None => self.diags.error(p.pos, "the pipeline has no `stages`"),
             Some(list) => {
                 let mut seen = HashSet::new();
@@ -489,7 +495,9 @@ impl Loader<'_> {
                 }
                 "stepGroup" => {
                     if in_group {
-                        self.diags.error(k.pos, "step groups do not nest: this `stepGroup` is inside another step group");
+                        // Harness nests step groups (its schema allows `stepGroup` in a group's
+                        // `steps`); stagehand's plan has one level of groups.
+                        self.diags.unsupported(k.pos, "a `stepGroup` inside another step group");
                         continue;
                     }
                     if let Some(g) = self.group(v, k.pos) {
@@ -579,7 +587,8 @@ impl Loader<'_> {
         };
         let timeout = s.get("timeout").and_then(|t| {
             let text = self.text(t, "`timeout`")?;
-            if is_unresolved(&text.value) {
+            // Harness's timeout pattern accepts an empty string: no timeout of the step's own.
+            if is_unresolved(&text.value) || text.value.trim().is_empty() {
                 return None;
             }
             if text.value.contains("<+") {
@@ -683,8 +692,8 @@ impl Loader<'_> {
             match &env.value {
                 Value::Map(entries) => {
                     for (k, v) in entries {
-                        if !valid_env_name(&k.name) {
-                            self.diags.error(k.pos, format!("invalid environment variable name `{}`", k.name));
+                        if !valid_env_key(&k.name) {
+                            self.diags.error(k.pos, format!("invalid environment variable name `{}`: a name cannot be empty or hold `=`", k.name));
                         }
                         let t = if v.is_null() { Text::new("", v.pos) } else { self.text(v, &format!("environment variable `{}`", k.name)).unwrap_or(Text::new("", v.pos)) };
                         out.env.push((k.name.clone(), t));
@@ -1112,6 +1121,13 @@ pub fn is_unresolved(s: &str) -> bool {
 fn valid_env_name(s: &str) -> bool {
     let mut c = s.chars();
     matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_') && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+}
+
+/// What an environment can hold as a name. Harness puts no pattern on `envVariables` keys, and
+/// converted pipelines use names such as `PATH+ANT` (from Jenkins): the kernel takes any name
+/// without `=` or NUL, so only those are refused.
+fn valid_env_key(s: &str) -> bool {
+    !s.is_empty() && !s.contains(['=', '\0'])
 }
 
 fn valid_variable_name(s: &str) -> bool {

@@ -17,6 +17,7 @@ use crate::yaml::Pos;
 pub const ROOTS: &[&str] = &[
     "pipeline", "stage", "step", "steps", "execution", "secrets", "codebase", "trigger", "env",
     "matrix", "strategy", "repeat", "variable", "input", "stages", "serviceVariables", "artifact",
+    "eventPayload",
 ];
 
 struct Scope<'a> {

@@ -16,6 +16,7 @@ pub mod process;
 pub mod reaper;
 pub mod signals;
 pub mod slirp;
+pub mod stage;
 mod sys;
 
 /// Every failure the supervisor reports, one variant per failure domain.

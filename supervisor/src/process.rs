@@ -49,6 +49,17 @@ pub enum ProcessError {
         /// `argv[0]` as given.
         program: String,
     },
+    /// The working directory does not exist or is not a directory (checked before the fork,
+    /// because a failed `chdir` in the child would read like a missing executable).
+    #[error("working directory of {program} is not usable: {}: {reason}", cwd.display())]
+    Cwd {
+        /// `argv[0]` as given.
+        program: String,
+        /// The working directory from the spec.
+        cwd: PathBuf,
+        /// Why it cannot be used.
+        reason: String,
+    },
     /// A path handed to the child contains a NUL byte.
     #[error("path contains a NUL byte: {}", path.display())]
     NulInPath {
@@ -716,6 +727,23 @@ fn prepare(spec: SpawnSpec) -> Result<Prepared, ProcessError> {
         return Err(ProcessError::EmptyArgv);
     };
     let program = arg0.to_string_lossy().into_owned();
+    match std::fs::metadata(&cwd) {
+        Ok(meta) if meta.is_dir() => {}
+        Ok(_) => {
+            return Err(ProcessError::Cwd {
+                program,
+                cwd,
+                reason: "not a directory".to_owned(),
+            });
+        }
+        Err(err) => {
+            return Err(ProcessError::Cwd {
+                program,
+                cwd,
+                reason: err.to_string(),
+            });
+        }
+    }
     let path = resolve_executable(arg0, &env, &cwd).ok_or_else(|| ProcessError::NotFound {
         program: program.clone(),
     })?;
@@ -1219,6 +1247,17 @@ mod tests {
         );
         let err = spawn_async(spec(&["./stagehand-nope"])).await.unwrap_err();
         assert_eq!(err.to_string(), "executable not found: ./stagehand-nope");
+        let err = spawn(SpawnSpec::new(
+            ["true"],
+            [("PATH", PATH)],
+            "/stagehand-no-such-dir",
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "working directory of true is not usable: /stagehand-no-such-dir: \
+             No such file or directory (os error 2)"
+        );
         assert!(matches!(
             spawn(SpawnSpec::new(
                 Vec::<OsString>::new(),
@@ -1517,6 +1556,32 @@ mod tests {
         let err = spawn_async(s).await.unwrap_err().to_string();
         let want = format!("start true: move into cgroup {}: ", dir.path().display());
         assert!(err.starts_with(&want), "{err}");
+    }
+
+    /// Regression guard for the reaper design: std's `spawn` reaps a child whose setup failed
+    /// by itself, so the reaper must never steal it (std would panic in the spawner thread).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn failed_spawns_racing_with_exits_keep_the_spawner_alive() {
+        let tasks: Vec<_> = (0..100)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let mut s = spec(&["true"]);
+                    s.output = OutputTarget::Null;
+                    if i % 2 == 0 {
+                        s.netns = Some(File::open("/proc/self/stat").unwrap().into());
+                        let err = spawn_async(s).await.unwrap_err().to_string();
+                        assert!(err.contains("join network namespace"), "{err}");
+                    } else {
+                        assert!(spawn_async(s).await.unwrap().wait().await.success());
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let child = spawn_async(spec(&["true"])).await.unwrap();
+        assert!(child.wait().await.success());
     }
 
     /// A cgroup directory that is removed again, also when the test fails.

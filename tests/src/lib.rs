@@ -1,1 +1,4 @@
 //! Helpers for the end-to-end suites: locating the built binary, temp workspaces, leak checks.
+
+pub mod bin_path;
+pub mod e2e;

@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, join_all};
+use stagehand_supervisor::cgroup::Limits;
 use stagehand_supervisor::process::{self, Child, OutputTarget, SpawnSpec, UserSpec};
+use stagehand_supervisor::stage::{Stage, StepSandbox};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
@@ -27,15 +29,26 @@ const RUN_STOP_GRACE: Duration = Duration::from_secs(5);
 
 struct Service {
     id: String,
+    sandbox: Option<StepSandbox>,
     child: Arc<Child>,
     /// Set once teardown begins, so the exit watcher stays quiet about expected exits.
     stopping: Arc<std::sync::atomic::AtomicBool>,
     output_done: tokio::task::JoinHandle<()>,
 }
 
+/// Resource limits a step gets when its YAML sets none.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DefaultLimits {
+    pub run: Limits,
+    pub background: Limits,
+}
+
 pub struct HostExecutor {
     /// Where scripts and output-variable files go (`<run dir>/steps`).
     dir: PathBuf,
+    /// The stage pod (cgroups, netns, hosts file); `None` runs steps bare on the host.
+    stage: std::sync::Mutex<Option<Arc<Stage>>>,
+    limits: DefaultLimits,
     stop_timeout: Duration,
     /// stagehand's own environment, minus its secrets: the base of every host step's env.
     base_env: Vec<(String, String)>,
@@ -43,12 +56,32 @@ pub struct HostExecutor {
 }
 
 impl HostExecutor {
-    pub fn new(dir: PathBuf, stop_timeout: Duration) -> std::io::Result<HostExecutor> {
-        std::fs::create_dir_all(&dir)?;
+    /// On error the stage sandbox is handed back, so the caller can tear it down.
+    #[allow(clippy::result_large_err)]
+    pub fn new(dir: PathBuf, stop_timeout: Duration, stage: Option<Stage>, limits: DefaultLimits) -> Result<HostExecutor, (std::io::Error, Option<Stage>)> {
         // The directory must be traversable by a `runAsUser` step.
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))) {
+            return Err((e, stage));
+        }
         let base_env = std::env::vars().filter(|(k, _)| !k.starts_with("STAGEHAND_SECRET_")).collect();
-        Ok(HostExecutor { dir, stop_timeout, base_env, services: Mutex::new(Vec::new()) })
+        Ok(HostExecutor {
+            dir,
+            stage: std::sync::Mutex::new(stage.map(Arc::new)),
+            limits,
+            stop_timeout,
+            base_env,
+            services: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn stage(&self) -> Option<Arc<Stage>> {
+        self.stage.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The step's limits: its own `resources.limits`, else the defaults for its kind.
+    fn limits_for(&self, step: &ResolvedStep) -> Limits {
+        let d = if step.background { self.limits.background } else { self.limits.run };
+        Limits { memory_bytes: step.memory.or(d.memory_bytes), cpu_millis: step.cpu.or(d.cpu_millis), pids: d.pids }
     }
 
     /// Write the step's script and build its process spec.
@@ -121,9 +154,28 @@ impl HostExecutor {
         Ok((spec, outputs_file))
     }
 
-    fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<(Arc<Child>, tokio::task::JoinHandle<()>, Option<PathBuf>), String> {
-        let (spec, outputs) = self.prepare(step)?;
-        let mut child = process::spawn(spec).map_err(|e| e.to_string())?;
+    fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<Spawned, String> {
+        let (mut spec, outputs) = self.prepare(step)?;
+        let sandbox = match self.stage() {
+            Some(stage) => {
+                let sb = stage.step(&step.id, &self.limits_for(step)).map_err(|e| format!("prepare {}: {e}", step.id))?;
+                if let Err(e) = stage.apply(&sb, &mut spec) {
+                    stage.finish_step(&sb);
+                    return Err(format!("prepare {}: {e}", step.id));
+                }
+                Some(sb)
+            }
+            None => None,
+        };
+        let mut child = match process::spawn(spec) {
+            Ok(c) => c,
+            Err(e) => {
+                if let (Some(stage), Some(sb)) = (self.stage(), &sandbox) {
+                    stage.finish_step(sb);
+                }
+                return Err(e.to_string());
+            }
+        };
         let stdout = child.take_stdout();
         let id = step.id.clone();
         let reader = tokio::spawn(async move {
@@ -131,14 +183,38 @@ impl HostExecutor {
                 let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
             }
         });
-        Ok((Arc::new(child), reader, outputs))
+        Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox })
     }
+
+    /// "X was killed: out of memory (limit 500Mi)" when the cgroup saw an OOM kill.
+    fn oom_message(&self, id: &str, sandbox: Option<&StepSandbox>) -> Option<String> {
+        let cg = sandbox?.cgroup.as_ref()?;
+        if !cg.oom_killed().unwrap_or(false) {
+            return None;
+        }
+        let limit = cg.memory_limit().map(|b| format!(" (limit {})", crate::units::format_memory(b))).unwrap_or_default();
+        Some(format!("{id} was killed: out of memory{limit}"))
+    }
+
+    fn finish(&self, sandbox: Option<&StepSandbox>) -> Vec<String> {
+        match (self.stage(), sandbox) {
+            (Some(stage), Some(sb)) => stage.finish_step(sb),
+            _ => Vec::new(),
+        }
+    }
+}
+
+struct Spawned {
+    child: Arc<Child>,
+    reader: tokio::task::JoinHandle<()>,
+    outputs: Option<PathBuf>,
+    sandbox: Option<StepSandbox>,
 }
 
 impl Executor for HostExecutor {
     fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
         async move {
-            let (child, reader, outputs_file) = match self.spawn(step, out) {
+            let Spawned { child, reader, outputs: outputs_file, sandbox } = match self.spawn(step, out.clone()) {
                 Ok(x) => x,
                 Err(e) => return Outcome::Error(e),
             };
@@ -161,7 +237,15 @@ impl Executor for HostExecutor {
             };
             // Whatever ended it, nothing of the step's process group may outlive the step.
             let status = process::stop(&child, libc::SIGTERM, RUN_STOP_GRACE).await;
+            let oom = self.oom_message(&step.id, sandbox.as_ref());
+            // Kill by cgroup membership: a `setsid` child escaped the process group.
+            for e in self.finish(sandbox.as_ref()) {
+                out.line(&step.id, &format!("[stagehand] cleanup: {e}"));
+            }
             finish_reader(reader).await;
+            if let (Some(msg), End::Exited) = (&oom, &end) {
+                return Outcome::Error(msg.clone());
+            }
             match end {
                 End::Timeout => Outcome::TimedOut,
                 End::Cancel => Outcome::Cancelled,
@@ -179,7 +263,10 @@ impl Executor for HostExecutor {
 
     fn start_service<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>) -> BoxFuture<'a, Result<(), String>> {
         async move {
-            let (child, reader, _) = self.spawn(step, out.clone())?;
+            let Spawned { child, reader, sandbox, .. } = self.spawn(step, out.clone())?;
+            if let Some(stage) = self.stage() {
+                stage.record_service(&step.id, child.pid());
+            }
             let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
             // Report a service that ends on its own while the stage runs.
             {
@@ -187,14 +274,22 @@ impl Executor for HostExecutor {
                 let stopping = stopping.clone();
                 let id = step.id.clone();
                 let started = Instant::now();
+                let oom_cg = sandbox.as_ref().and_then(|s| s.cgroup.clone());
                 tokio::spawn(async move {
                     let status = child.wait().await;
                     if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                        out.line(&id, &format!("[stagehand] service exited on its own after {}: {status}", crate::units::format_duration(started.elapsed())));
+                        let oom = oom_cg.as_ref().is_some_and(|c| c.oom_killed().unwrap_or(false));
+                        let why = if oom {
+                            let limit = oom_cg.as_ref().and_then(|c| c.memory_limit()).map(crate::units::format_memory).unwrap_or_default();
+                            format!("{id} was killed: out of memory (limit {limit})")
+                        } else {
+                            format!("service exited on its own after {}: {status}", crate::units::format_duration(started.elapsed()))
+                        };
+                        out.line(&id, &format!("[stagehand] {why}"));
                     }
                 });
             }
-            self.services.lock().await.push(Service { id: step.id.clone(), child, stopping, output_done: reader });
+            self.services.lock().await.push(Service { id: step.id.clone(), sandbox, child, stopping, output_done: reader });
             Ok(())
         }
         .boxed()
@@ -220,10 +315,19 @@ impl Executor for HostExecutor {
                         (clean, format!("stopped: {status}"))
                     }
                 };
+                let _ = &s.sandbox;
                 ServiceEnd { id: s.id, description, clean }
             }))
             .await;
-            (ends, Vec::new())
+            // Then the backstop: every process left in any step cgroup is killed, cgroups,
+            // namespace, forwarders and slirp4netns go.
+            let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner()).take();
+            let errors = match stage.map(Arc::try_unwrap) {
+                Some(Ok(stage)) => stage.teardown().await,
+                Some(Err(_)) => vec!["stage sandbox still in use at teardown".to_string()],
+                None => Vec::new(),
+            };
+            (ends, errors)
         }
         .boxed()
     }

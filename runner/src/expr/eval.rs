@@ -17,7 +17,7 @@
 
 use std::fmt::Write as _;
 
-use super::{BinOp, ErrorKind, Expr, ExprError, Path, Piece, Resolver, Seg, Template, Val};
+use super::{BinOp, Expr, ExprError, ExprErrorKind, Path, Piece, Resolver, Seg, Template, Val};
 
 /// Evaluates an expression. References are looked up through `r`; call arguments and indexes
 /// inside a path are evaluated first, so the resolver sees them as [`Expr::Lit`].
@@ -25,27 +25,19 @@ use super::{BinOp, ErrorKind, Expr, ExprError, Path, Piece, Resolver, Seg, Templ
 /// Errors carry offset 0: a tree has no source positions ([`render`] fills in the offset of
 /// the failing `<+`).
 pub fn eval(e: &Expr, r: &dyn Resolver) -> Result<Val, ExprError> {
+    // This function recurses once per tree level, so it keeps its own frame small: everything
+    // that formats or allocates lives in helpers that are never inlined. (In a debug build the
+    // inlined version needed ~3 KiB per level.)
     match e {
         Expr::Lit(v) => Ok(v.clone()),
         Expr::Ref(p) => resolve(p, r),
-        Expr::Not(x) => Ok(Val::Bool(!truthy(&eval(x, r)?))),
-        Expr::Bin(BinOp::And, a, b) => Ok(Val::Bool(truthy(&eval(a, r)?) && truthy(&eval(b, r)?))),
-        Expr::Bin(BinOp::Or, a, b) => Ok(Val::Bool(truthy(&eval(a, r)?) || truthy(&eval(b, r)?))),
-        Expr::Bin(op, a, b) => {
-            let a = eval(a, r)?;
-            let b = eval(b, r)?;
-            binary(*op, &a, &b)
-        }
-        Expr::Method(recv, name, args) => {
-            let v = eval(recv, r)?;
-            let args = args
-                .iter()
-                .map(|a| eval(a, r))
-                .collect::<Result<Vec<_>, _>>()?;
-            call(name, &v, &args)
-        }
+        Expr::Not(x) => Ok(Val::Bool(!eval_truthy(x, r)?)),
+        Expr::Bin(BinOp::And, a, b) => Ok(Val::Bool(eval_truthy(a, r)? && eval_truthy(b, r)?)),
+        Expr::Bin(BinOp::Or, a, b) => Ok(Val::Bool(eval_truthy(a, r)? || eval_truthy(b, r)?)),
+        Expr::Bin(op, a, b) => eval_binary(*op, a, b, r),
+        Expr::Method(recv, name, args) => eval_method(recv, name, args, r),
         Expr::Cond(c, a, b) => {
-            if truthy(&eval(c, r)?) {
+            if eval_truthy(c, r)? {
                 eval(a, r)
             } else {
                 eval(b, r)
@@ -54,6 +46,28 @@ pub fn eval(e: &Expr, r: &dyn Resolver) -> Result<Val, ExprError> {
     }
 }
 
+fn eval_truthy(e: &Expr, r: &dyn Resolver) -> Result<bool, ExprError> {
+    Ok(truthy(&eval(e, r)?))
+}
+
+#[inline(never)]
+fn eval_binary(op: BinOp, a: &Expr, b: &Expr, r: &dyn Resolver) -> Result<Val, ExprError> {
+    let a = eval(a, r)?;
+    let b = eval(b, r)?;
+    binary(op, &a, &b)
+}
+
+#[inline(never)]
+fn eval_method(recv: &Expr, name: &str, args: &[Expr], r: &dyn Resolver) -> Result<Val, ExprError> {
+    let v = eval(recv, r)?;
+    let args = args
+        .iter()
+        .map(|a| eval(a, r))
+        .collect::<Result<Vec<_>, _>>()?;
+    call(name, &v, &args)
+}
+
+#[inline(never)]
 fn resolve(p: &Path, r: &dyn Resolver) -> Result<Val, ExprError> {
     let plain = p.segs.iter().all(|s| match s {
         Seg::Name(_) => true,
@@ -85,7 +99,7 @@ fn resolve(p: &Path, r: &dyn Resolver) -> Result<Val, ExprError> {
     };
     r.resolve(path).map_err(|message| ExprError {
         offset: 0,
-        kind: ErrorKind::Unresolved,
+        kind: ExprErrorKind::Unresolved,
         message,
     })
 }
@@ -207,6 +221,7 @@ fn equals(a: &Val, b: &Val) -> bool {
     }
 }
 
+#[inline(never)]
 fn binary(op: BinOp, a: &Val, b: &Val) -> Result<Val, ExprError> {
     use std::cmp::Ordering;
     let ordering = || -> Result<Ordering, ExprError> {
@@ -267,6 +282,7 @@ fn char_pos(s: &str, byte: usize) -> f64 {
     s[..byte].chars().count() as f64
 }
 
+#[inline(never)]
 fn call(name: &str, recv: &Val, args: &[Val]) -> Result<Val, ExprError> {
     let Some(spec) = super::method_spec(name) else {
         return Err(ExprError::eval(format!("unknown method '{name}()'")));
@@ -460,7 +476,7 @@ mod tests {
         assert!(is("-1 < 0", &v));
         let e = ev_err(r#""abc" < 3"#, &v);
         assert_eq!(e.message, "cannot compare \"abc\" with 3 using '<'");
-        assert_eq!(e.kind, ErrorKind::Eval);
+        assert_eq!(e.kind, ExprErrorKind::Eval);
         let e = ev_err("<+trigger.prLabels> > 1", &v);
         assert_eq!(e.message, "cannot compare null with 1 using '>'");
         assert!(
@@ -623,7 +639,7 @@ mod tests {
     fn unresolved_references_carry_the_resolver_message() {
         let v = sample();
         let e = ev_err("<+stage.variables.nope> == 'x'", &v);
-        assert_eq!(e.kind, ErrorKind::Unresolved);
+        assert_eq!(e.kind, ExprErrorKind::Unresolved);
         assert_eq!(e.message, "unknown variable 'stage.variables.nope'");
         assert_eq!(e.offset, 0);
     }
@@ -671,10 +687,10 @@ mod tests {
         assert_eq!(render(&t, &v).unwrap(), "no refs");
         let t = parse_template("a <+s> b <+missing>").unwrap();
         let e = render(&t, &v).unwrap_err();
-        assert_eq!((e.offset, e.kind), (9, ErrorKind::Unresolved));
+        assert_eq!((e.offset, e.kind), (9, ExprErrorKind::Unresolved));
         let t = parse_template("x <+ 'a' < 3 >").unwrap();
         let e = render(&t, &v).unwrap_err();
-        assert_eq!((e.offset, e.kind), (2, ErrorKind::Eval));
+        assert_eq!((e.offset, e.kind), (2, ExprErrorKind::Eval));
     }
 
     #[test]

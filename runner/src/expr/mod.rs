@@ -408,7 +408,7 @@ pub fn method_spec(name: &str) -> Option<&'static MethodSpec> {
 
 /// What went wrong, broadly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
+pub enum ExprErrorKind {
     /// The text is not a valid expression.
     Syntax,
     /// The resolver did not know a reference; the message is the resolver's.
@@ -424,7 +424,7 @@ pub enum ErrorKind {
 #[error("{message}")]
 pub struct ExprError {
     pub offset: usize,
-    pub kind: ErrorKind,
+    pub kind: ExprErrorKind,
     pub message: String,
 }
 
@@ -432,7 +432,7 @@ impl ExprError {
     pub(crate) fn syntax(offset: usize, message: impl Into<String>) -> Self {
         ExprError {
             offset,
-            kind: ErrorKind::Syntax,
+            kind: ExprErrorKind::Syntax,
             message: message.into(),
         }
     }
@@ -440,7 +440,7 @@ impl ExprError {
     pub(crate) fn eval(message: impl Into<String>) -> Self {
         ExprError {
             offset: 0,
-            kind: ErrorKind::Eval,
+            kind: ExprErrorKind::Eval,
             message: message.into(),
         }
     }
@@ -540,7 +540,7 @@ mod tests {
                 .unwrap();
         assert_eq!(render(&t, &r).unwrap(), "psql -h db -p 5433 #42");
         let err = render(&parse_template("x <+nope>").unwrap(), &r).unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Unresolved);
+        assert_eq!(err.kind, ExprErrorKind::Unresolved);
         assert_eq!(err.offset, 2);
         assert_eq!(err.message, "unknown reference 'nope'");
     }

@@ -15,8 +15,9 @@ use super::{BinOp, Expr, ExprError, InputSpec, METHODS, Path, Piece, Seg, Templa
 /// stack frames; 48 is far beyond any real pipeline and far below any stack limit.
 const MAX_DEPTH: usize = 48;
 /// Most operators and segments in one expression. Long `a + b + c ...` chains do not nest in
-/// the parser but do in the tree, and evaluating or dropping the tree recurses.
-const MAX_NODES: usize = 1000;
+/// the parser but do in the tree, and evaluating it recurses once per level (about 2 KiB a
+/// level in a debug build). Real conditions have a handful of operators.
+const MAX_NODES: usize = 200;
 
 /// Parses text with embedded `<+...>` expressions. Text between them is kept as is.
 ///
@@ -37,7 +38,12 @@ pub fn parse_template(s: &str) -> Result<Template, ExprError> {
         if s[at..].starts_with(INPUT) {
             let after = at + INPUT.len();
             let input = Expr::Ref(Path::of(&["input"]));
-            if s[after..].starts_with('.') {
+            // `.default(...)` and friends; a bare `.` is the end of a sentence.
+            let methods_follow = s[after..].starts_with('.')
+                && s.as_bytes()
+                    .get(after + 1)
+                    .is_some_and(u8::is_ascii_alphabetic);
+            if methods_follow {
                 parse_input_tail(s, after, s.len())?;
                 pieces.push(Piece::Expr {
                     expr: input,
@@ -1443,6 +1449,8 @@ mod tests {
         let t = parse_template("Takes `<+input>`, as usual").unwrap();
         assert_eq!(t.references().len(), 1);
         assert_eq!(t.pieces.len(), 3);
+        let t = parse_template("Set it to <+input>.").unwrap();
+        assert_eq!(t.pieces.last(), Some(&Piece::Lit(".".into())));
         let e = parse_template("x: <+input>.bogus(1)").unwrap_err();
         assert_eq!(e.offset, 12);
     }
@@ -1572,6 +1580,32 @@ mod tests {
         assert_eq!(cond_err(&wrappers).message, "expression nested too deeply");
         let wrappers = format!("{}a{}", "<+".repeat(20), ">".repeat(20));
         assert_eq!(cond(&wrappers), r("a"));
+    }
+
+    /// The largest trees the limits allow must parse, evaluate, print and drop on a small
+    /// stack (tokio worker threads get 2 MiB; this uses a quarter of that).
+    #[test]
+    fn largest_allowed_trees_fit_a_small_stack() {
+        let worker = std::thread::Builder::new()
+            .stack_size(512 * 1024)
+            .spawn(|| {
+                let any = |_: &Path| -> Result<Val, String> { Ok(Val::Num(1.0)) };
+                let chain = vec!["<+a>"; MAX_NODES].join(" + ");
+                let e = parse_condition(&chain).unwrap();
+                assert_eq!(
+                    crate::expr::eval(&e, &any).unwrap(),
+                    Val::Num(MAX_NODES as f64)
+                );
+                assert!(e.to_string().len() > chain.len());
+                let depth = MAX_DEPTH - 2;
+                let nested = format!("{}<+a>{}", "(!".repeat(depth / 2), ")".repeat(depth / 2));
+                let e = parse_condition(&nested).unwrap();
+                let odd = (depth / 2) % 2 == 1;
+                assert_eq!(crate::expr::eval(&e, &any).unwrap(), Val::Bool(!odd));
+                drop(e);
+            })
+            .unwrap();
+        worker.join().expect("ran out of stack");
     }
 
     /// Never panic: every prefix (and every suffix) of tricky inputs, and pseudo-random
