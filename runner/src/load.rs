@@ -638,10 +638,9 @@ impl Loader<'_> {
     fn spec(&mut self, spec: &Node, kind: &StepKind, id: &str) -> StepSpec {
         let is_run = *kind == StepKind::Run;
         let what = if is_run { format!("the spec of Run step `{id}`") } else { format!("the spec of Background step `{id}`") };
-        let mut acted: Vec<&[&str]> = vec![SPEC_COMMON];
-        if is_run {
-            acted.push(SPEC_RUN_ONLY);
-        }
+        // `outputVariables` passes the key check on Background steps too: it gets its own error
+        // below, not a second "unknown key" one.
+        let acted: Vec<&[&str]> = vec![SPEC_COMMON, SPEC_RUN_ONLY];
         let mut out = StepSpec::default();
         if !self.keys(spec, &what, &acted, SPEC_IGNORED, Strictness::Error) {
             return out;
@@ -685,7 +684,9 @@ impl Loader<'_> {
                 Value::Map(_) => self.diags.error(ep.pos, "`entrypoint` must be a list of arguments, found a mapping"),
             }
         }
-        if is_run && out.command.is_none() && out.entrypoint.is_empty() {
+        // A `command` of the wrong type has had its error; "no command" is for a missing one.
+        let command_missing = spec.get("command").is_none_or(Node::is_null);
+        if is_run && command_missing && out.command.is_none() && out.entrypoint.is_empty() {
             self.diags.error(spec.pos, format!("Run step `{id}` has no `command`"));
         }
         if let Some(env) = spec.get("envVariables") {

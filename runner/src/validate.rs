@@ -131,8 +131,9 @@ impl<'a> Validator<'a> {
         match expr::parse_template(&t.value) {
             Err(e) => diags.error(self.locate(t, e.offset), e.to_string()),
             Ok(tpl) => {
+                let mut places = RefPlaces { s: &t.value, from: 0 };
                 for path in tpl.references() {
-                    let off = offset_of(&t.value, path);
+                    let off = places.next(path);
                     if let Err(msg) = check_ref(path, scope, self.p) {
                         diags.error(self.locate(t, off), msg);
                     }
@@ -148,9 +149,11 @@ impl<'a> Validator<'a> {
         match expr::parse_condition(&t.value) {
             Err(e) => diags.error(self.locate(t, e.offset), e.to_string()),
             Ok(e) => {
+                let mut places = RefPlaces { s: &t.value, from: 0 };
                 for path in expr::references(&e) {
+                    let off = places.next(path);
                     if let Err(msg) = check_ref(path, scope, self.p) {
-                        diags.error(self.locate(t, offset_of(&t.value, path)), msg);
+                        diags.error(self.locate(t, off), msg);
                     }
                 }
             }
@@ -187,6 +190,70 @@ impl<'a> Validator<'a> {
         }
         t.pos
     }
+}
+
+/// Where each reference of one text is written. The parser gives references in source order,
+/// so each search starts after the previous one's place: two references that begin alike
+/// (`<+pipeline.variables.a> <+pipeline.variables.b>`) each get their own place.
+struct RefPlaces<'s> {
+    s: &'s str,
+    from: usize,
+}
+
+impl RefPlaces<'_> {
+    /// The byte offset to report for `path`: the `<+` that opens it when the reference is the
+    /// first thing inside, else the reference's first name.
+    fn next(&mut self, path: &RefPath) -> usize {
+        let dotted = dotted_names(path);
+        if !dotted.is_empty() {
+            for start in [self.from, 0] {
+                if let Some(at) = find_name(self.s, start, &dotted) {
+                    self.from = at + dotted.len();
+                    let before = self.s[..at].trim_end();
+                    return if before.ends_with("<+") { before.len() - 2 } else { at };
+                }
+            }
+        }
+        offset_of(self.s, path)
+    }
+}
+
+/// The leading plain names of a path as written: `pipeline.variables.x`, `secrets.getValue`.
+fn dotted_names(path: &RefPath) -> String {
+    let mut out = String::new();
+    for seg in &path.segs {
+        let (n, last) = match seg {
+            Seg::Name(n) => (n, false),
+            Seg::Call(n, _) => (n, true),
+            Seg::Index(_) => break,
+        };
+        if !out.is_empty() {
+            out.push('.');
+        }
+        out.push_str(n);
+        if last {
+            break;
+        }
+    }
+    out
+}
+
+/// The first place at or after `from` where `name` is written as a whole (not inside a longer
+/// name: `steps.a` does not match in `steps.ab`).
+fn find_name(s: &str, from: usize, name: &str) -> Option<usize> {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.';
+    let mut start = from;
+    while let Some(i) = s.get(start..)?.find(name) {
+        let at = start + i;
+        let end = at + name.len();
+        let before_ok = !s[..at].chars().next_back().is_some_and(word);
+        let after_ok = !s[end..].chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        if before_ok && after_ok {
+            return Some(at);
+        }
+        start = at + name.chars().next().map_or(1, char::len_utf8);
+    }
+    None
 }
 
 /// Where a reference is written in `s`: the first `<+` followed by its first name.

@@ -155,6 +155,13 @@ impl HostExecutor {
     }
 
     fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<Spawned, String> {
+        if let Some(image) = &step.image {
+            // Running a command written for a container on the host could do anything; refuse.
+            return Err(format!(
+                "step {} runs in image `{image}`, and this build of stagehand has no container backend yet; leave `image` empty to run the step on the host",
+                step.id
+            ));
+        }
         let (mut spec, outputs) = self.prepare(step)?;
         let sandbox = match self.stage() {
             Some(stage) => {
