@@ -531,7 +531,10 @@ fn stage_sandbox(a: &RunArgs, plan: &StagePlan, run_dir: &Path, run_id: &str, co
         return Ok(None);
     }
     let steps = plan.steps();
-    let mut hostnames: Vec<String> = steps.iter().map(|s| s.id.clone()).collect();
+    // Harness's name for a step in a group is `group_step`; the reference health-check
+    // pipeline also reaches `Background_1` by its bare id, so both resolve.
+    let mut hostnames: Vec<String> = steps.iter().flat_map(|s| [s.id.clone(), s.identifier.clone()]).collect();
+    hostnames.sort();
     hostnames.dedup();
     let port_bindings = steps
         .iter()

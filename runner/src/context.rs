@@ -107,6 +107,9 @@ impl Codebase {
     }
 }
 
+/// Output variables of finished steps: stage id → step key → variable → value.
+pub type Outputs = HashMap<String, HashMap<String, BTreeMap<String, String>>>;
+
 /// Facts fixed for the whole run.
 #[derive(Debug)]
 pub struct RunInfo {
@@ -118,7 +121,7 @@ pub struct RunInfo {
     pub secrets: Arc<Secrets>,
     pub pipeline_vars: BTreeMap<String, String>,
     /// Output variables of every finished step: stage id → step key → name → value.
-    pub outputs: RwLock<HashMap<String, HashMap<String, BTreeMap<String, String>>>>,
+    pub outputs: RwLock<Outputs>,
 }
 
 /// Stage-wide values, fixed when the stage starts.

@@ -285,7 +285,7 @@ mod tests {
                           image: <+input>
 ";
 
-    fn text_at<'a>(n: &'a Node, path: &[&str]) -> String {
+    fn text_at(n: &Node, path: &[&str]) -> String {
         let mut cur = n;
         for p in path {
             cur = match p.parse::<usize>() {

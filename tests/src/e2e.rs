@@ -63,8 +63,16 @@ pub fn fixtures_dir() -> PathBuf {
 /// A token unique to this test (pid, time, counter), safe in paths, argv and env values.
 pub fn unique_marker() -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    format!("stagehand-e2e-{}-{:x}-{}", std::process::id(), nanos & 0xffff_ffff_ffff, COUNTER.fetch_add(1, Ordering::SeqCst))
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!(
+        "stagehand-e2e-{}-{:x}-{}",
+        std::process::id(),
+        nanos & 0xffff_ffff_ffff,
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// A temp directory used as the stage workspace, named after the test's marker.
@@ -80,13 +88,22 @@ impl Workspace {
     /// A new workspace under the system temp dir, with a fresh marker.
     pub fn new() -> Workspace {
         let marker = unique_marker();
-        let dir = tempfile::Builder::new().prefix(&format!("{marker}-ws-")).tempdir().expect("create a temp workspace");
-        Workspace { marker, dir: Some(dir) }
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("{marker}-ws-"))
+            .tempdir()
+            .expect("create a temp workspace");
+        Workspace {
+            marker,
+            dir: Some(dir),
+        }
     }
 
     /// The workspace directory.
     pub fn path(&self) -> &Path {
-        self.dir.as_ref().expect("workspace exists until dropped").path()
+        self.dir
+            .as_ref()
+            .expect("workspace exists until dropped")
+            .path()
     }
 
     /// The marker of this test.
@@ -97,7 +114,8 @@ impl Workspace {
     /// Let steps with `runAsUser` (e.g. PostgreSQL as `postgres`) create files in it: a temp
     /// dir is created 0700 and owned by root.
     pub fn open_to_all_users(&self) {
-        std::fs::set_permissions(self.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod the workspace");
+        std::fs::set_permissions(self.path(), std::fs::Permissions::from_mode(0o777))
+            .expect("chmod the workspace");
     }
 
     /// A stagehand command line `run PIPELINE --workspace WS`, carrying the marker.
@@ -138,7 +156,11 @@ pub struct StagehandCmd {
 impl StagehandCmd {
     /// A bare stagehand command for `marker`; [`Workspace::stagehand_run`] is the usual start.
     pub fn new(marker: &str) -> StagehandCmd {
-        StagehandCmd { marker: marker.to_string(), args: Vec::new(), envs: Vec::new() }
+        StagehandCmd {
+            marker: marker.to_string(),
+            args: Vec::new(),
+            envs: Vec::new(),
+        }
     }
 
     /// Append one argument.
@@ -149,7 +171,8 @@ impl StagehandCmd {
 
     /// Set an environment variable for stagehand (and so for every host step).
     pub fn env(mut self, k: impl AsRef<OsStr>, v: impl AsRef<OsStr>) -> Self {
-        self.envs.push((k.as_ref().to_os_string(), v.as_ref().to_os_string()));
+        self.envs
+            .push((k.as_ref().to_os_string(), v.as_ref().to_os_string()));
         self
     }
 
@@ -179,10 +202,19 @@ impl StagehandCmd {
         for (k, v) in &self.envs {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
         let stdout = Captured::reader(child.stdout.take().expect("stdout is piped"));
         let stderr = Captured::reader(child.stderr.take().expect("stderr is piped"));
-        Running { child: Some(child), stdout, stderr, started: Instant::now(), marker: self.marker, args: self.args }
+        Running {
+            child: Some(child),
+            stdout,
+            stderr,
+            started: Instant::now(),
+            marker: self.marker,
+            args: self.args,
+        }
     }
 
     /// Run to completion within [`RUN_TIMEOUT`].
@@ -199,7 +231,10 @@ struct Captured {
 
 impl Captured {
     fn reader(mut pipe: impl Read + Send + 'static) -> Arc<Captured> {
-        let c = Arc::new(Captured { state: Mutex::new((Vec::new(), false)), changed: Condvar::new() });
+        let c = Arc::new(Captured {
+            state: Mutex::new((Vec::new(), false)),
+            changed: Condvar::new(),
+        });
         let c2 = c.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 8192];
@@ -219,7 +254,8 @@ impl Captured {
     }
 
     fn text(&self) -> String {
-        String::from_utf8_lossy(&self.state.lock().unwrap_or_else(|e| e.into_inner()).0).into_owned()
+        String::from_utf8_lossy(&self.state.lock().unwrap_or_else(|e| e.into_inner()).0)
+            .into_owned()
     }
 
     /// Wait until the text satisfies `pred`, EOF, or the deadline; true if `pred` held.
@@ -233,7 +269,11 @@ impl Captured {
             if st.1 || now >= deadline {
                 return false;
             }
-            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+            st = self
+                .changed
+                .wait_timeout(st, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
         }
     }
 
@@ -267,7 +307,10 @@ impl Running {
 
     /// Wait until stdout contains `needle`. Panics (stopping stagehand) after `timeout`.
     pub fn wait_for_stdout(&self, needle: &str, timeout: Duration) {
-        if !self.stdout.wait_for(Instant::now() + timeout, |s| s.contains(needle)) {
+        if !self
+            .stdout
+            .wait_for(Instant::now() + timeout, |s| s.contains(needle))
+        {
             panic!(
                 "stagehand did not print {needle:?} within {timeout:?}\n--- stdout:\n{}\n--- stderr:\n{}",
                 self.stdout.text(),
@@ -281,7 +324,8 @@ impl Running {
         let child = self.child.as_mut().expect("running");
         // Only while it has not been reaped: until then its pid cannot be reused.
         if child.try_wait().expect("poll stagehand").is_none() {
-            nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig).expect("signal stagehand");
+            nix::sys::signal::kill(Pid::from_raw(child.id() as i32), sig)
+                .expect("signal stagehand");
         }
     }
 
@@ -296,7 +340,10 @@ impl Running {
             }
             if Instant::now() >= deadline {
                 let (out, err) = (self.stdout.text(), self.stderr.text());
-                panic!("stagehand {:?} still running after {timeout:?}\n--- stdout:\n{out}\n--- stderr:\n{err}", self.args);
+                panic!(
+                    "stagehand {:?} still running after {timeout:?}\n--- stdout:\n{out}\n--- stderr:\n{err}",
+                    self.args
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
@@ -311,15 +358,24 @@ impl Running {
         let run_dir = stderr
             .lines()
             .filter_map(|l| l.strip_prefix("logs: "))
-            .last()
+            .next_back()
             .and_then(|l| Path::new(l.trim()).parent().map(Path::to_path_buf));
-        Finished { code: status.code(), signal: status.signal(), stdout: self.stdout.text(), stderr, elapsed, run_dir }
+        Finished {
+            code: status.code(),
+            signal: status.signal(),
+            stdout: self.stdout.text(),
+            stderr,
+            elapsed,
+            run_dir,
+        }
     }
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let Some(child) = self.child.as_mut() else { return };
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
         let pid = Pid::from_raw(child.id() as i32);
         if matches!(child.try_wait(), Ok(None)) {
             let _ = nix::sys::signal::kill(pid, Signal::SIGTERM);
@@ -367,15 +423,23 @@ impl Finished {
 
     /// Panic with the whole output unless stdout has a line containing `needle`.
     pub fn assert_stdout_has(&self, needle: &str) {
-        assert!(self.stdout.contains(needle), "stdout lacks {needle:?}\n{}", self.dump());
+        assert!(
+            self.stdout.contains(needle),
+            "stdout lacks {needle:?}\n{}",
+            self.dump()
+        );
     }
 
     /// The summary table row of step `id` (the line after the header that starts with it).
     pub fn summary_row(&self, id: &str) -> String {
-        let table = self.stdout.rsplit_once("  step ").map(|(_, t)| t).unwrap_or_else(|| panic!("no summary table\n{}", self.dump()));
+        let table = self
+            .stdout
+            .rsplit_once("  step ")
+            .map(|(_, t)| t)
+            .unwrap_or_else(|| panic!("no summary table\n{}", self.dump()));
         table
             .lines()
-            .find(|l| l.trim_start().split_whitespace().next() == Some(id))
+            .find(|l| l.split_whitespace().next() == Some(id))
             .unwrap_or_else(|| panic!("no summary row for {id}\n{}", self.dump()))
             .to_string()
     }
@@ -386,14 +450,18 @@ impl Finished {
             .lines()
             .filter_map(|l| {
                 let (prefix, rest) = l.split_once(" |")?;
-                (prefix.trim_end() == id).then(|| rest.strip_prefix(' ').unwrap_or(rest).to_string())
+                (prefix.trim_end() == id)
+                    .then(|| rest.strip_prefix(' ').unwrap_or(rest).to_string())
             })
             .collect()
     }
 
     /// The log file of step `id` (`<run dir>/logs/<id>.log`).
     pub fn log(&self, id: &str) -> String {
-        let dir = self.run_dir.as_ref().unwrap_or_else(|| panic!("stagehand printed no `logs:` line\n{}", self.dump()));
+        let dir = self
+            .run_dir
+            .as_ref()
+            .unwrap_or_else(|| panic!("stagehand printed no `logs:` line\n{}", self.dump()));
         let path = dir.join("logs").join(format!("{id}.log"));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
@@ -403,8 +471,10 @@ impl Drop for Finished {
     fn drop(&mut self) {
         // Only what looks like a stagehand run directory: `.../stagehand*/<run id>`.
         if let Some(d) = &self.run_dir {
-            let under_stagehand =
-                d.parent().and_then(Path::file_name).is_some_and(|n| n.to_string_lossy().starts_with("stagehand"));
+            let under_stagehand = d
+                .parent()
+                .and_then(Path::file_name)
+                .is_some_and(|n| n.to_string_lossy().starts_with("stagehand"));
             if under_stagehand && d.join("logs").is_dir() {
                 let _ = std::fs::remove_dir_all(d);
             }
@@ -427,27 +497,40 @@ pub struct Marked {
 pub fn processes_with(marker: &str) -> Vec<Marked> {
     let me = std::process::id() as i32;
     let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return found;
+    };
     for e in entries.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
         if pid == me {
             continue;
         }
         let dir = e.path();
         let cmdline = std::fs::read(dir.join("cmdline")).unwrap_or_default();
-        let shown = String::from_utf8_lossy(&cmdline).replace('\0', " ").trim_end().to_string();
+        let shown = String::from_utf8_lossy(&cmdline)
+            .replace('\0', " ")
+            .trim_end()
+            .to_string();
         let has = |bytes: &[u8]| bytes.windows(marker.len()).any(|w| w == marker.as_bytes());
         let found_in = if has(&cmdline) {
             Some("cmdline")
         } else if has(&std::fs::read(dir.join("environ")).unwrap_or_default()) {
             Some("environ")
-        } else if std::fs::read_link(dir.join("cwd")).is_ok_and(|c| c.to_string_lossy().contains(marker)) {
+        } else if std::fs::read_link(dir.join("cwd"))
+            .is_ok_and(|c| c.to_string_lossy().contains(marker))
+        {
             Some("cwd")
         } else {
             None
         };
         if let Some(found_in) = found_in {
-            found.push(Marked { pid, cmdline: shown, found_in });
+            found.push(Marked {
+                pid,
+                cmdline: shown,
+                found_in,
+            });
         }
     }
     found
@@ -464,8 +547,14 @@ pub fn assert_no_leaks(marker: &str) {
         }
         if Instant::now() >= deadline {
             kill_marked(marker);
-            let list: Vec<String> = left.iter().map(|m| format!("  pid {} ({}): {}", m.pid, m.found_in, m.cmdline)).collect();
-            panic!("processes left behind by the stage (marker {marker}):\n{}", list.join("\n"));
+            let list: Vec<String> = left
+                .iter()
+                .map(|m| format!("  pid {} ({}): {}", m.pid, m.found_in, m.cmdline))
+                .collect();
+            panic!(
+                "processes left behind by the stage (marker {marker}):\n{}",
+                list.join("\n")
+            );
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -482,7 +571,9 @@ pub fn kill_marked(marker: &str) {
 pub fn listening_tcp_ports() -> BTreeSet<u16> {
     let mut ports = BTreeSet::new();
     for f in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(f) else { continue };
+        let Ok(text) = std::fs::read_to_string(f) else {
+            continue;
+        };
         ports.extend(parse_listening(&text));
     }
     ports
@@ -507,7 +598,10 @@ fn parse_listening(table: &str) -> Vec<u16> {
 /// Panic with a clear message if something on this machine already listens on one of `ports`
 /// (a suite that needs fixed ports must not silently test someone else's server).
 pub fn assert_ports_free(ports: &[u16]) {
-    let busy: Vec<u16> = listening_tcp_ports().into_iter().filter(|p| ports.contains(p)).collect();
+    let busy: Vec<u16> = listening_tcp_ports()
+        .into_iter()
+        .filter(|p| ports.contains(p))
+        .collect();
     assert!(
         busy.is_empty(),
         "TCP port(s) {busy:?} already have a listener on this machine; this test needs {ports:?} free (see `ss -ltnp`)"
@@ -518,11 +612,17 @@ pub fn assert_ports_free(ports: &[u16]) {
 pub fn assert_ports_closed(ports: &[u16], within: Duration) {
     let deadline = Instant::now() + within;
     loop {
-        let open: Vec<u16> = listening_tcp_ports().into_iter().filter(|p| ports.contains(p)).collect();
+        let open: Vec<u16> = listening_tcp_ports()
+            .into_iter()
+            .filter(|p| ports.contains(p))
+            .collect();
         if open.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "still listening after the stage ended: {open:?}");
+        assert!(
+            Instant::now() < deadline,
+            "still listening after the stage ended: {open:?}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -542,12 +642,19 @@ mod tests {
         let a = unique_marker();
         assert_ne!(a, unique_marker());
         assert!(processes_with(&a).is_empty());
-        let mut child = std::process::Command::new("sleep").arg("30").env(MARKER_ENV, &a).spawn().unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .env(MARKER_ENV, &a)
+            .spawn()
+            .unwrap();
         let found = processes_with(&a);
         kill_marked(&a);
         let _ = child.wait();
         assert_eq!(found.len(), 1, "{found:?}");
-        assert_eq!((found[0].pid, found[0].found_in), (child.id() as i32, "environ"));
+        assert_eq!(
+            (found[0].pid, found[0].found_in),
+            (child.id() as i32, "environ")
+        );
         assert!(processes_with(&a).is_empty());
     }
 
@@ -557,8 +664,15 @@ mod tests {
         let path = ws.path().to_path_buf();
         let marker = ws.marker().to_string();
         assert!(path.to_string_lossy().contains(&marker));
-        let mut child = std::process::Command::new("sleep").arg("30").current_dir(&path).spawn().unwrap();
-        assert_eq!(processes_with(&marker).first().map(|m| m.found_in), Some("cwd"));
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .current_dir(&path)
+            .spawn()
+            .unwrap();
+        assert_eq!(
+            processes_with(&marker).first().map(|m| m.found_in),
+            Some("cwd")
+        );
         drop(ws);
         let status = child.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;

@@ -311,10 +311,10 @@ impl Executor for HostExecutor {
             // Reverse start order: the signal goes out in that order as each future is first
             // polled; the waits then overlap, so teardown takes one grace period, not N.
             let grace = self.stop_timeout;
+            let mut readers = Vec::new();
             let ends = join_all(services.into_iter().rev().map(|s| async move {
                 let already = s.child.try_status();
                 let status = process::stop(&s.child, libc::SIGTERM, grace).await;
-                finish_reader(s.output_done).await;
                 let (clean, description) = match already {
                     Some(st) => (st.success(), format!("had exited before the stage ended: {st}")),
                     None => {
@@ -323,9 +323,15 @@ impl Executor for HostExecutor {
                     }
                 };
                 let _ = &s.sandbox;
-                ServiceEnd { id: s.id, description, clean }
+                (ServiceEnd { id: s.id, description, clean }, s.output_done)
             }))
-            .await;
+            .await
+            .into_iter()
+            .map(|(end, reader)| {
+                readers.push(reader);
+                end
+            })
+            .collect();
             // Then the backstop: every process left in any step cgroup is killed, cgroups,
             // namespace, forwarders and slirp4netns go.
             let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner()).take();
@@ -334,6 +340,11 @@ impl Executor for HostExecutor {
                 Some(Err(_)) => vec!["stage sandbox still in use at teardown".to_string()],
                 None => Vec::new(),
             };
+            // Output pipes close once the last process holding them is gone, which after the
+            // cgroup kill above is now (or within the reader's bound).
+            for r in readers {
+                finish_reader(r).await;
+            }
             (ends, errors)
         }
         .boxed()

@@ -151,11 +151,8 @@ impl StageRun {
         }
         let (ends, errors) = self.exec.teardown().await;
         for e in ends {
-            if e.clean {
-                self.console.status(&format!("    service {} {}", e.id, e.description));
-            } else {
-                self.console.status(&format!("    service {} {}", e.id, e.description));
-            }
+            let flag = if e.clean { "" } else { " (not a clean exit)" };
+            self.console.status(&format!("    service {} {}{flag}", e.id, e.description));
         }
         for e in &errors {
             self.console.status(&format!("    teardown: {e}"));
@@ -451,11 +448,11 @@ fn pick_action<'a>(strategies: &'a [FailureStrategy], kind: &FailKind) -> Option
     strategies
         .iter()
         .find(|fs| {
-            fs.errors.iter().any(|e| match (e, kind) {
-                (ErrorKind::All, _) => true,
-                (ErrorKind::Timeout, FailKind::Timeout) => true,
-                (ErrorKind::Other, FailKind::Other) => true,
-                _ => false,
+            fs.errors.iter().any(|e| {
+                matches!(
+                    (e, kind),
+                    (ErrorKind::All, _) | (ErrorKind::Timeout, FailKind::Timeout) | (ErrorKind::Other, FailKind::Other)
+                )
             })
         })
         .map(|fs| &fs.action)
