@@ -7,6 +7,9 @@
 //! Process layer: [`process`] (spawning, waiting, stopping, output lines), [`reaper`] (the one
 //! thread that waits on every child and descendant), [`signals`] (SIGINT/SIGTERM for the
 //! runner). All `unsafe` lives in the private `sys` module.
+//!
+//! Stage layer: [`cgroup`], [`netns`], [`forward`], [`hosts`] and [`slirp`], composed by
+//! [`stage`] into one sandbox per stage run, with the `state.json` journal `gc` undoes.
 
 pub mod cgroup;
 pub mod forward;
@@ -32,4 +35,13 @@ pub enum Error {
     /// Listening for termination signals failed.
     #[error(transparent)]
     Signal(#[from] signals::SignalError),
+    /// Creating, filling, killing or removing a cgroup failed.
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    /// The stage network (namespace, port forwarders, hosts file, slirp4netns) failed.
+    #[error(transparent)]
+    Net(#[from] netns::NetError),
+    /// Setting up or tearing down a stage sandbox failed.
+    #[error(transparent)]
+    Stage(#[from] stage::StageError),
 }

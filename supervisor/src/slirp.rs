@@ -123,10 +123,10 @@ mod tests {
     use super::*;
     use crate::netns::run_in;
     use crate::netns::tests::{NsGuard, mounts_under};
+    use crate::process::{Child, DEFAULT_PATH, OutputTarget, SpawnSpec, spawn, stop};
     use std::io::{self, Read, Write};
     use std::net::{SocketAddr, TcpListener, TcpStream};
     use std::os::fd::AsRawFd;
-    use std::process::{Child, Command, Stdio};
 
     #[test]
     fn argv_is_the_documented_command_line() {
@@ -197,13 +197,16 @@ mod tests {
         assert!(matches!(err, NetError::SlirpExited), "{err}");
     }
 
-    /// Kills and reaps the slirp4netns this test started, also when the test fails.
-    struct ChildGuard(Child);
+    /// Kills the slirp4netns this test started, also when the test fails. Through the
+    /// reaper's `Child`, so the pid is never signalled after it was reaped (and reused).
+    struct SlirpGuard(Option<Child>);
 
-    impl Drop for ChildGuard {
+    impl Drop for SlirpGuard {
         fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+            if let Some(child) = self.0.take() {
+                let _ = child.signal_group(libc::SIGKILL);
+                child.wait_blocking();
+            }
         }
     }
 
@@ -216,8 +219,8 @@ mod tests {
         path
     }
 
-    #[test]
-    fn host_loopback_is_reachable_as_10_0_2_2_through_slirp() {
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn host_loopback_is_reachable_as_10_0_2_2_through_slirp() {
         let binary = slirp_binary();
         let mut guard = NsGuard::new();
 
@@ -231,37 +234,31 @@ mod tests {
             conn.write_all(&buf).unwrap();
         });
 
+        // The write end goes to this child only, at its own number; our copy is closed once
+        // the child started, so wait_ready would see EOF if slirp4netns died.
         let (read, write) = ready_pipe().unwrap();
-        // std's Command has no fd mapping, so let the child inherit the write end at its own
-        // number. Other threads of this test binary spawning at the same moment may inherit it
-        // too; harmless here, since we wait for the '1', not for end-of-file.
-        nix::fcntl::fcntl(
-            &write,
-            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
-        )
-        .unwrap();
         let args = argv(binary, guard.ns().path(), write.as_raw_fd());
-        let child = Command::new(&args[0])
-            .args(&args[1..])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut slirp = ChildGuard(child);
-        drop(write);
+        let mut spec = SpawnSpec::new(args, [("PATH", DEFAULT_PATH)], "/");
+        spec.inherit_fds.push(write);
+        spec.output = OutputTarget::Null;
+        spec.process_group = true;
+        spec.parent_death_signal = Some(libc::SIGKILL);
+        let mut slirp = SlirpGuard(Some(spawn(spec).unwrap()));
         wait_ready(&read, Duration::from_secs(10)).unwrap();
 
-        let reply = run_in(guard.ns(), || -> io::Result<[u8; 5]> {
-            let mut conn = TcpStream::connect_timeout(
-                &SocketAddr::from((HOST_LOOPBACK, port)),
-                Duration::from_secs(10),
-            )?;
-            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-            conn.write_all(b"hello")?;
-            let mut buf = [0u8; 5];
-            conn.read_exact(&mut buf)?;
-            Ok(buf)
+        let ns = guard.ns();
+        let reply = tokio::task::block_in_place(|| {
+            run_in(ns, || -> io::Result<[u8; 5]> {
+                let mut conn = TcpStream::connect_timeout(
+                    &SocketAddr::from((HOST_LOOPBACK, port)),
+                    Duration::from_secs(10),
+                )?;
+                conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+                conn.write_all(b"hello")?;
+                let mut buf = [0u8; 5];
+                conn.read_exact(&mut buf)?;
+                Ok(buf)
+            })
         })
         .unwrap()
         .unwrap();
@@ -269,8 +266,13 @@ mod tests {
         echo.join().unwrap();
 
         // Teardown order of a stage: stop slirp4netns, then remove the namespace.
-        slirp.0.kill().unwrap();
-        slirp.0.wait().unwrap();
+        let child = slirp.0.take().unwrap();
+        let status = stop(&child, libc::SIGTERM, Duration::from_secs(2)).await;
+        assert!(
+            status.signal == Some(libc::SIGTERM) || status.success(),
+            "slirp4netns ended with {status}"
+        );
+        assert_eq!(child.try_status(), Some(status));
         guard.ns.take().unwrap().remove().unwrap();
         assert!(mounts_under(guard.dir.path()).is_empty());
     }

@@ -1002,8 +1002,8 @@ pub fn remove_tree(h: &Hierarchy, rel: &Path) -> Vec<CgroupError> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
-    use std::process::{Child, Command, Stdio};
+    use crate::process::{self, DEFAULT_PATH, OutputTarget, SpawnSpec, Stdin};
+    use std::io::{BufRead, BufReader, PipeWriter};
 
     /// `/proc/self/cgroup` of this host (hybrid: memory nested, everything else at `/`).
     pub(crate) const HYBRID_PROC_CGROUP: &str = "9:name=systemd:/\n8:pids:/\n7:blkio:/\n\
@@ -1343,10 +1343,10 @@ pub(crate) mod tests {
 
     // ---- Real cgroups on this host (root). They fail, not skip, without root. ----
     //
-    // Other tests in this binary install the global reaper (waitpid(-1) as a subreaper), so a
-    // child of ours may be reaped before `Child::wait` sees it. Nothing here depends on our
-    // own wait: exit statuses come from a shell that waits for its own child and prints `$?`,
-    // and deaths are checked through /proc.
+    // Children are started through `crate::process`: the global reaper waits on every child
+    // of this test binary (waitpid(-1) as a subreaper), so std's `Child::wait` would race it.
+    // A grandchild's exit status comes from a shell that waits for it and prints `$?`, and
+    // deaths are checked through /proc (a killed child stays a zombie until it is reaped).
 
     /// Removes a test tree however the test ends.
     struct TreeGuard {
@@ -1362,17 +1362,19 @@ pub(crate) mod tests {
         }
     }
 
-    /// Kills and waits for a child however the test ends, but only while it is still our
-    /// child: if someone else reaped it, its pid may already belong to another process.
-    struct ChildGuard(Child);
+    /// A child started through the process layer, killed and waited for however the test
+    /// ends. `process::Child` never signals a pid once the reaper collected it, so a reused
+    /// pid is safe; std's `Child::wait` would race the reaper for the status.
+    struct ChildGuard {
+        child: process::Child,
+        stdin: Option<PipeWriter>,
+        stdout: Option<BufReader<fs::File>>,
+    }
 
     impl Drop for ChildGuard {
         fn drop(&mut self) {
-            let pid = pid_of(self);
-            if parent_of(pid) == Some(i32::try_from(std::process::id()).unwrap()) {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
+            let _ = self.child.signal(libc::SIGKILL);
+            self.child.wait_blocking();
         }
     }
 
@@ -1393,36 +1395,44 @@ pub(crate) mod tests {
     /// Starts `sh -c script` with stdin and stdout piped: the script waits (`read x`) until
     /// it has been moved into its cgroup, and reports on stdout.
     fn spawn_gated(script: &str) -> ChildGuard {
-        ChildGuard(
-            Command::new("sh")
-                .args(["-c", script])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        )
+        let (gate, stdin) = std::io::pipe().unwrap();
+        let mut spec = SpawnSpec::new(["sh", "-c", script], [("PATH", DEFAULT_PATH)], "/");
+        spec.stdin = Stdin::Fd(gate.into());
+        let mut child = process::spawn(spec).unwrap();
+        let stdout = child
+            .take_stdout()
+            .map(|fd| BufReader::new(fs::File::from(fd)));
+        ChildGuard {
+            child,
+            stdin: Some(stdin),
+            stdout,
+        }
     }
 
     /// Lets a gated script run.
     fn open_gate(child: &mut ChildGuard) {
-        child.0.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
     }
 
     /// The next line the script prints.
     fn read_line(child: &mut ChildGuard) -> String {
         let mut line = String::new();
-        BufReader::new(child.0.stdout.as_mut().unwrap())
-            .read_line(&mut line)
-            .unwrap();
+        child.stdout.as_mut().unwrap().read_line(&mut line).unwrap();
         line.trim().to_owned()
     }
 
     fn sleeper() -> ChildGuard {
-        ChildGuard(Command::new("sleep").arg("30").spawn().unwrap())
+        let mut spec = SpawnSpec::new(["sleep", "30"], [("PATH", DEFAULT_PATH)], "/");
+        spec.output = OutputTarget::Null;
+        ChildGuard {
+            child: process::spawn(spec).unwrap(),
+            stdin: None,
+            stdout: None,
+        }
     }
 
     fn pid_of(child: &ChildGuard) -> i32 {
-        i32::try_from(child.0.id()).unwrap()
+        child.child.pid()
     }
 
     /// Fields after the command name in `/proc/<pid>/stat`: state, ppid, pgrp, session, ...
@@ -1430,10 +1440,6 @@ pub(crate) mod tests {
         let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
         let (_, rest) = stat.rsplit_once(')')?;
         Some(rest.split_whitespace().map(str::to_owned).collect())
-    }
-
-    fn parent_of(pid: i32) -> Option<i32> {
-        stat_fields(pid)?.get(1)?.parse().ok()
     }
 
     /// `true` once a process is gone or a zombie (killed but not yet reaped).
