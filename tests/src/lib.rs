@@ -2,3 +2,4 @@
 
 pub mod bin_path;
 pub mod e2e;
+pub mod sandbox;

@@ -1,0 +1,1 @@
+../../tests/fixtures/docker-entrypoint.sh
