@@ -504,8 +504,17 @@ fn ps_cmd() -> Result<i32> {
             .map(crate::units::format_duration)
             .unwrap_or_default();
         println!("run {} (stagehand pid {}, up {up})", st.run_id, st.pid);
+        // The journal holds paths relative to each hierarchy; show the real directories.
+        let hierarchy = st.cgroup_root.as_deref().and_then(|r| stagehand_supervisor::cgroup::detect(r).ok());
         for c in &st.cgroups {
-            println!("  cgroup {}", c.display());
+            match hierarchy.as_ref().and_then(|h| h.open(c).ok()) {
+                Some(cg) => {
+                    for p in cg.paths() {
+                        println!("  cgroup {}", p.display());
+                    }
+                }
+                None => println!("  cgroup {}", c.display()),
+            }
         }
         for n in &st.netns {
             println!("  netns  {}", n.display());

@@ -426,8 +426,11 @@ impl Loader<'_> {
                 Some("Secret") => VarType::Secret,
                 Some(other) => {
                     let pos = v.get("type").unwrap().pos;
-                    let hint = did_you_mean(other, &["String", "Number", "Secret"]).unwrap_or("String");
-                    self.diags.error_hint(pos, format!("unknown variable type `{other}`"), format!("did you mean `{hint}`?"));
+                    // A suggestion only when one is close; otherwise the list.
+                    let hint = did_you_mean(other, &["String", "Number", "Secret"])
+                        .map(|h| format!("did you mean `{h}`?"))
+                        .unwrap_or_else(|| "variable types: String, Number, Secret".into());
+                    self.diags.error_hint(pos, format!("unknown variable type `{other}`"), hint);
                     VarType::String
                 }
             };
@@ -734,8 +737,10 @@ impl Loader<'_> {
                     "Never" => Some(PullPolicy::Never),
                     v if is_unresolved(v) => None,
                     other => {
-                        let hint = did_you_mean(other, &["Always", "IfNotPresent", "Never"]).unwrap_or("IfNotPresent");
-                        self.diags.error_hint(t.pos, format!("unknown imagePullPolicy `{other}`"), format!("did you mean `{hint}`? (Always, IfNotPresent, Never)"));
+                        let hint = did_you_mean(other, &["Always", "IfNotPresent", "Never"])
+                            .map(|h| format!("did you mean `{h}`? (Always, IfNotPresent, Never)"))
+                            .unwrap_or_else(|| "use Always, IfNotPresent or Never".into());
+                        self.diags.error_hint(t.pos, format!("unknown imagePullPolicy `{other}`"), hint);
                         None
                     }
                 };
@@ -855,7 +860,7 @@ impl Loader<'_> {
                 Some("All") => StatusGate::All,
                 other => {
                     let other = other.unwrap_or_default();
-                    let hint = did_you_mean(&other, &["Success", "Failure", "All"]).map(|s| format!("did you mean `{s}`?")).unwrap_or_else(|| "use Success, Failure or All".into());
+                    let hint = did_you_mean(other, &["Success", "Failure", "All"]).map(|s| format!("did you mean `{s}`?")).unwrap_or_else(|| "use Success, Failure or All".into());
                     self.diags.error_hint(n.pos, format!("unknown {status_key} `{other}`"), hint);
                     StatusGate::Success
                 }
@@ -1142,6 +1147,7 @@ fn valid_variable_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diag::Severity;
     use std::path::Path;
 
     fn load_str(s: &str) -> (Option<Pipeline>, Diagnostics) {
@@ -1207,5 +1213,51 @@ mod tests {
         let e = d.items.iter().find(|e| e.message.contains("comand")).unwrap();
         assert_eq!(e.hint.as_deref(), Some("did you mean `command`?"));
         assert_eq!((e.pos.line, e.pos.col), (11, 15));
+    }
+
+    #[test]
+    fn shapes_harness_accepts_are_not_errors() {
+        // Regression (shared/corpus/harness-pipelines): an empty step timeout (Harness's pattern
+        // allows ""), env names such as `PATH+ANT`, `template` keys and nested step groups are
+        // Harness's own; the last two are "not supported", never "unknown key".
+        let (_, d) = load_str(
+            "pipeline:
+  identifier: p
+  stages:
+    - stage:
+        identifier: s
+        type: CI
+        spec:
+          execution:
+            steps:
+              - step:
+                  identifier: r
+                  type: Run
+                  timeout: \"\"
+                  spec:
+                    command: echo hi
+                    envVariables:
+                      PATH+ANT: /opt/ant/bin
+              - step:
+                  identifier: t
+                  template:
+                    templateRef: upload
+              - stepGroup:
+                  identifier: g
+                  steps:
+                    - stepGroup:
+                        identifier: inner
+                        steps: []
+",
+        );
+        let msgs: Vec<(Severity, &str)> = d.items.iter().map(|i| (i.severity, i.message.as_str())).collect();
+        assert_eq!(
+            msgs,
+            [
+                (Severity::Unsupported, "step `t` uses a `template`, which is not supported by stagehand"),
+                (Severity::Unsupported, "a `stepGroup` inside another step group is not supported by stagehand"),
+            ],
+            "{msgs:?}"
+        );
     }
 }

@@ -24,7 +24,7 @@ struct Scope<'a> {
     stage: &'a Stage,
     /// identifier → output variable names, for every step in the stage (groups flattened), and
     /// group-qualified `G.ID` too.
-    outputs: HashMap<String, Vec<String>>,
+    outputs: &'a Outputs,
     /// The step being checked, if any.
     step: Option<&'a PlannedStep>,
     /// Matrix axes / repeat items / any strategy, for the step being checked.
@@ -33,9 +33,14 @@ struct Scope<'a> {
     repeat_items: bool,
 }
 
+/// A stage's steps and groups by identifier (and `G.steps.ID`), with their output variables.
+type Outputs = HashMap<String, Vec<String>>;
+
 pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
     let lines: Vec<&str> = source.lines().collect();
-    let v = Validator { lines, p };
+    // Once per stage, not once per step checked: a stage of n steps would cost n² otherwise.
+    let outputs = p.stages.iter().map(stage_outputs).collect();
+    let v = Validator { lines, p, outputs };
     for var in &p.variables {
         let scope = v.scope(None, None);
         v.template(&var.value, scope.as_ref(), diags);
@@ -92,31 +97,39 @@ pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
 struct Validator<'a> {
     lines: Vec<&'a str>,
     p: &'a Pipeline,
+    /// The [`Outputs`] of each stage, in the order of `p.stages`.
+    outputs: Vec<Outputs>,
 }
 
-impl<'a> Validator<'a> {
-    fn scope(&self, stage: Option<&'a Stage>, step: Option<&'a PlannedStep>) -> Option<Scope<'a>> {
-        let stage = stage?;
-        let mut outputs: HashMap<String, Vec<String>> = HashMap::new();
-        fn walk(items: &[Item], group: Option<&str>, out: &mut HashMap<String, Vec<String>>) {
-            for i in items {
-                match i {
-                    Item::Step(s) => {
-                        let names: Vec<String> = s.spec.output_variables.iter().map(|o| o.name.clone()).collect();
-                        if let Some(g) = group {
-                            out.insert(format!("{g}.steps.{}", s.identifier), names.clone());
-                        }
-                        out.entry(s.identifier.clone()).or_default().extend(names);
+fn stage_outputs(stage: &Stage) -> Outputs {
+    let mut outputs = Outputs::new();
+    fn walk(items: &[Item], group: Option<&str>, out: &mut Outputs) {
+        for i in items {
+            match i {
+                Item::Step(s) => {
+                    let names: Vec<String> = s.spec.output_variables.iter().map(|o| o.name.clone()).collect();
+                    if let Some(g) = group {
+                        out.insert(format!("{g}.steps.{}", s.identifier), names.clone());
                     }
-                    Item::Parallel(m, _) => walk(m, group, out),
-                    Item::Group(g) => {
-                        out.entry(g.identifier.clone()).or_default();
-                        walk(&g.steps, Some(&g.identifier), out);
-                    }
+                    out.entry(s.identifier.clone()).or_default().extend(names);
+                }
+                Item::Parallel(m, _) => walk(m, group, out),
+                Item::Group(g) => {
+                    out.entry(g.identifier.clone()).or_default();
+                    walk(&g.steps, Some(&g.identifier), out);
                 }
             }
         }
-        walk(&stage.steps, None, &mut outputs);
+    }
+    walk(&stage.steps, None, &mut outputs);
+    outputs
+}
+
+impl<'a> Validator<'a> {
+    fn scope<'s>(&'s self, stage: Option<&'s Stage>, step: Option<&'s PlannedStep>) -> Option<Scope<'s>> {
+        let stage = stage?;
+        let i = self.p.stages.iter().position(|s| std::ptr::eq(s, stage))?;
+        let outputs = &self.outputs[i];
         let (axes, looped, repeat_items) = match step.and_then(|s| s.loop_ctx.as_ref()) {
             Some(ctx) => (ctx.matrix.keys().cloned().collect(), true, ctx.item.is_some()),
             None => (vec![], false, false),
@@ -134,7 +147,7 @@ impl<'a> Validator<'a> {
                 let mut places = RefPlaces { s: &t.value, from: 0 };
                 for path in tpl.references() {
                     let off = places.next(path);
-                    if let Err(msg) = check_ref(path, scope, self.p) {
+                    if let Err(msg) = check_ref(path, scope, self) {
                         diags.error(self.locate(t, off), msg);
                     }
                 }
@@ -152,7 +165,7 @@ impl<'a> Validator<'a> {
                 let mut places = RefPlaces { s: &t.value, from: 0 };
                 for path in expr::references(&e) {
                     let off = places.next(path);
-                    if let Err(msg) = check_ref(path, scope, self.p) {
+                    if let Err(msg) = check_ref(path, scope, self) {
                         diags.error(self.locate(t, off), msg);
                     }
                 }
@@ -284,7 +297,8 @@ fn names(path: &RefPath) -> Vec<String> {
 }
 
 /// Is this reference to something that exists? Err is the user-facing message.
-fn check_ref(path: &RefPath, scope: Option<&Scope>, p: &Pipeline) -> Result<(), String> {
+fn check_ref(path: &RefPath, scope: Option<&Scope>, v: &Validator) -> Result<(), String> {
+    let p = v.p;
     let n = names(path);
     let shown = format!("<+{}>", n.join("."));
     let Some(root) = n.first() else { return Ok(()) };
@@ -302,7 +316,7 @@ fn check_ref(path: &RefPath, scope: Option<&Scope>, p: &Pipeline) -> Result<(), 
                 Some(x) => pipeline_var(x),
                 None => Ok(()),
             },
-            Some("stages") => check_fq_step(&n[2..], &shown, p),
+            Some("stages") => check_fq_step(&n[2..], &shown, v),
             _ => Ok(()),
         },
         "stage" => match (n.get(1).map(String::as_str), n.get(2), scope) {
@@ -337,7 +351,7 @@ fn check_ref(path: &RefPath, scope: Option<&Scope>, p: &Pipeline) -> Result<(), 
                 &n[1..]
             };
             match scope {
-                Some(sc) => check_step_ref(rest, &sc.outputs, &shown, &sc.stage.identifier),
+                Some(sc) => check_step_ref(rest, sc.outputs, &shown, &sc.stage.identifier),
                 None => Err(format!("{shown} is used outside a stage")),
             }
         }
@@ -390,16 +404,14 @@ fn check_step_ref(rest: &[String], outputs: &HashMap<String, Vec<String>>, shown
 }
 
 /// `<+pipeline.stages.S.spec.execution.steps.[G.steps.]ID.output.outputVariables.V>`.
-fn check_fq_step(rest: &[String], shown: &str, p: &Pipeline) -> Result<(), String> {
+fn check_fq_step(rest: &[String], shown: &str, v: &Validator) -> Result<(), String> {
     let Some(sid) = rest.first() else { return Ok(()) };
-    let Some(stage) = p.stages.iter().find(|s| &s.identifier == sid) else {
+    let Some(i) = v.p.stages.iter().position(|s| &s.identifier == sid) else {
         return Err(format!("{shown} names stage `{sid}`, which is not in the pipeline"));
     };
+    let outputs = &v.outputs[i];
     if rest.get(1..4).is_some_and(|s| s == ["spec", "execution", "steps"]) {
-        let v = Validator { lines: vec![], p };
-        if let Some(sc) = v.scope(Some(stage), None) {
-            return check_step_ref(&rest[4..], &sc.outputs, shown, sid);
-        }
+        return check_step_ref(&rest[4..], outputs, shown, sid);
     }
     Ok(())
 }
@@ -473,5 +485,15 @@ mod tests {
         let errs = check(&src);
         assert_eq!(errs.len(), 1, "{errs:?}");
         assert!(errs[0].contains("outside a step or step group with a `matrix` strategy"), "{errs:?}");
+    }
+
+    #[test]
+    fn references_that_begin_alike_each_get_their_own_column() {
+        // Regression: both used to point at the first `<+pipeline`.
+        let src = BASE.replace("<+stage.variables.port>", "<+pipeline.variables.nope> <+pipeline.variables.hots>");
+        let errs = check(&src);
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("32:62 unknown pipeline variable `nope`"), "{errs:?}");
+        assert!(errs[1].starts_with("32:89 unknown pipeline variable `hots`"), "{errs:?}");
     }
 }

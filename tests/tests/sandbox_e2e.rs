@@ -101,6 +101,13 @@ fn memory_limit_oom_kills_a_service_and_a_run_step_and_says_so() {
     out.assert_stdout_has("<-- settle passed");
     // A Run step: the OOM kill is its failure message, on the status line and in the summary.
     out.assert_stdout_has("<-- runhog FAILED: runhog was killed: out of memory (limit 32Mi)");
+    // The service's death is not lost at teardown: its row says why, and the stage failed.
+    out.assert_stdout_has("service hog FAILED: was killed: out of memory (limit 32Mi)");
+    assert!(
+        out.summary_row("hog").ends_with("FAILED: was killed: out of memory (limit 32Mi)"),
+        "{}",
+        out.summary_row("hog")
+    );
     assert!(
         out.summary_row("runhog")
             .ends_with("FAILED: runhog was killed: out of memory (limit 32Mi)"),
@@ -413,7 +420,7 @@ fn forked_grandchild(marker: &str) -> Option<i32> {
 /// after the 1 s stop timeout; the other stopped (its `setsid` grandchild went by cgroup).
 fn assert_services_stopped(out: &Finished) {
     out.assert_stdout_has("stubborn | ignoring SIGTERM");
-    out.assert_stdout_has("service stubborn stopped: killed by SIGKILL");
+    out.assert_stdout_has("service stubborn stopped: did not exit within 1s of SIGTERM, killed");
     out.assert_stdout_has("service forker stopped");
     assert!(
         out.elapsed < Duration::from_secs(15),
@@ -596,7 +603,7 @@ fn ps_lists_the_running_stage() {
     );
     let netns_file = sandbox::run_dir(&id).join("netns-build");
     assert!(
-        block.contains(&format!("  cgroup stagehand/{id}").as_str()),
+        block.iter().any(|l| l.starts_with("  cgroup /sys/fs/cgroup/") && l.ends_with(&format!("/stagehand/{id}"))),
         "{block:#?}"
     );
     assert!(

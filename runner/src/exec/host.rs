@@ -315,12 +315,22 @@ impl Executor for HostExecutor {
             let ends = join_all(services.into_iter().rev().map(|s| async move {
                 let already = s.child.try_status();
                 let status = process::stop(&s.child, libc::SIGTERM, grace).await;
+                // A service that ended on its own with a failure fails the stage (it was gone
+                // while later steps relied on it); how it ends once we stop it is not held
+                // against it, but a SIGKILL after the grace period is worth saying.
                 let (clean, description) = match already {
-                    Some(st) => (st.success(), format!("had exited before the stage ended: {st}")),
-                    None => {
-                        let clean = status.success() || status.signal == Some(libc::SIGTERM) || status.code == Some(143);
-                        (clean, format!("stopped: {status}"))
+                    Some(st) => {
+                        let oom = s.sandbox.as_ref().and_then(|sb| sb.cgroup.as_ref()).filter(|cg| cg.oom_killed().unwrap_or(false));
+                        let why = match oom {
+                            Some(cg) => format!("was killed: out of memory (limit {})", cg.memory_limit().map(crate::units::format_memory).unwrap_or_default()),
+                            None => format!("had exited before the stage ended: {st}"),
+                        };
+                        (st.success(), why)
                     }
+                    None if status.signal == Some(libc::SIGKILL) => {
+                        (true, format!("stopped: did not exit within {} of SIGTERM, killed", crate::units::format_duration(grace)))
+                    }
+                    None => (true, format!("stopped: {status}")),
                 };
                 let _ = &s.sandbox;
                 (ServiceEnd { id: s.id, description, clean }, s.output_done)

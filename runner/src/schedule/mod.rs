@@ -151,8 +151,20 @@ impl StageRun {
         }
         let (ends, errors) = self.exec.teardown().await;
         for e in ends {
-            let flag = if e.clean { "" } else { " (not a clean exit)" };
-            self.console.status(&format!("    service {} {}{flag}", e.id, e.description));
+            if e.clean {
+                self.console.status(&format!("    service {} {}", e.id, e.description));
+                continue;
+            }
+            // A service that died during the stage fails it, and its row says why.
+            self.console.status(&format!("    service {} FAILED: {}", e.id, e.description));
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = st.results.iter_mut().find(|r| r.id == e.id) {
+                r.verdict = Verdict::Failed;
+                r.message = Some(e.description.clone());
+            }
+            if st.status == StageStatus::Success {
+                st.status = StageStatus::Failed;
+            }
         }
         for e in &errors {
             self.console.status(&format!("    teardown: {e}"));
