@@ -8,7 +8,10 @@ use std::path::{Path, PathBuf};
 
 /// The workspace root (the parent of this crate's directory).
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
 }
 
 /// The debug `stagehand` binary. Honours `CARGO_TARGET_DIR` when set.
@@ -16,10 +19,20 @@ pub fn workspace_root() -> PathBuf {
 /// # Panics
 /// When the binary is missing, with the command that builds it.
 pub fn stagehand_bin() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"));
-    let target = if target.is_absolute() { target } else { workspace_root().join(target) };
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    let target = if target.is_absolute() {
+        target
+    } else {
+        workspace_root().join(target)
+    };
     let bin = target.join("debug").join("stagehand");
-    assert!(bin.is_file(), "{} is missing: build it first: cargo build -p stagehand", bin.display());
+    assert!(
+        bin.is_file(),
+        "{} is missing: build it first: cargo build -p stagehand",
+        bin.display()
+    );
     bin
 }
 
