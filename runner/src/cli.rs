@@ -162,6 +162,7 @@ fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
         Err(e) => {
             diags.error(e.pos, e.message);
             eprint!("{}", diags.render(&source, false));
+            eprintln!("{}: invalid: 1 error", a.file.display());
             return Ok(Err(EXIT_INVALID));
         }
     };

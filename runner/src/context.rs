@@ -222,7 +222,8 @@ impl Resolver for Ctx<'_> {
             ["codebase", "build", "type"] => {
                 Ok(Val::Str(if self.run.codebase.tag.is_some() && self.run.codebase.branch.is_none() { "tag" } else { "branch" }.into()))
             }
-            ["codebase", ..] | ["trigger", ..] => Ok(Val::Null),
+            // A local run has no trigger, webhook payload or codebase PR: those read as null.
+            ["codebase", ..] | ["trigger", ..] | ["eventPayload", ..] => Ok(Val::Null),
             ["env", name] => Ok(std::env::var(name).map(Val::Str).unwrap_or(Val::Null)),
             ["matrix", k] => self
                 .step

@@ -478,7 +478,7 @@ impl Loader<'_> {
                 "step" => {
                     if let Some(s) = self.step(v, k.pos) {
                         self.check_unique(seen, &s.identifier, s.pos, scope);
-                        result = Some(Item::Step(s));
+                        result = Some(Item::Step(Box::new(s)));
                     }
                 }
                 "parallel" => {

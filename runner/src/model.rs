@@ -70,7 +70,7 @@ pub struct Volume {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Item {
-    Step(Step),
+    Step(Box<Step>),
     Parallel(Vec<Item>, Pos),
     Group(Group),
 }

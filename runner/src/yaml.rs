@@ -140,6 +140,11 @@ fn first_line(s: &str) -> String {
         _ => line,
     };
     let line = line.split(", set DuplicateKeyPolicy").next().unwrap_or(line);
+    // The scanner repeats the position at the end ("... at line 17, column 7"); we print it first.
+    let line = match line.rfind(" at line ") {
+        Some(i) if line[i..].contains(", column ") => &line[..i],
+        _ => line,
+    };
     line.to_string()
 }
 
