@@ -350,16 +350,23 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
     let code = rt.block_on(async {
         let cancel = CancellationToken::new();
         let signal = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        // Listen before the first step starts, so no signal can catch a stage half built.
+        let mut signals = match stagehand_supervisor::signals::termination_signals() {
+            Ok(s) => s,
+            Err(e) => {
+                console.status(&format!("stagehand: {e}"));
+                return EXIT_FAILED;
+            }
+        };
         {
             let cancel = cancel.clone();
             let signal = signal.clone();
             let console = console.clone();
             tokio::spawn(async move {
-                if let Ok(sig) = stagehand_supervisor::signals::next_termination().await {
-                    signal.store(sig, std::sync::atomic::Ordering::SeqCst);
-                    console.status(&format!("stagehand: received {}, stopping the stage", stagehand_supervisor::process::signal_name(sig)));
-                    cancel.cancel();
-                }
+                let sig = signals.recv().await;
+                signal.store(sig, std::sync::atomic::Ordering::SeqCst);
+                console.status(&format!("stagehand: received {}, stopping the stage", stagehand_supervisor::process::signal_name(sig)));
+                cancel.cancel();
             });
         }
         let codebase = Codebase::detect(&workspace);

@@ -355,11 +355,7 @@ impl Running {
         self.stderr.wait_eof(eof);
         use std::os::unix::process::ExitStatusExt;
         let stderr = self.stderr.text();
-        let run_dir = stderr
-            .lines()
-            .filter_map(|l| l.strip_prefix("logs: "))
-            .next_back()
-            .and_then(|l| Path::new(l.trim()).parent().map(Path::to_path_buf));
+        let run_dir = run_dir_from(&stderr);
         Finished {
             code: status.code(),
             signal: status.signal(),
@@ -389,6 +385,31 @@ impl Drop for Running {
         }
         let _ = child.wait();
         kill_marked(&self.marker);
+        self.stderr
+            .wait_eof(Instant::now() + Duration::from_secs(2));
+        if let Some(d) = run_dir_from(&self.stderr.text()) {
+            remove_run_dir(&d);
+        }
+    }
+}
+
+/// `<run dir>`: the parent of the `logs: DIR` line stagehand prints last on stderr.
+fn run_dir_from(stderr: &str) -> Option<PathBuf> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("logs: "))
+        .next_back()
+        .and_then(|l| Path::new(l.trim()).parent().map(Path::to_path_buf))
+}
+
+/// Remove a run directory, but only what looks like one: `.../stagehand*/<run id>/logs`.
+fn remove_run_dir(d: &Path) {
+    let under_stagehand = d
+        .parent()
+        .and_then(Path::file_name)
+        .is_some_and(|n| n.to_string_lossy().starts_with("stagehand"));
+    if under_stagehand && d.join("logs").is_dir() {
+        let _ = std::fs::remove_dir_all(d);
     }
 }
 
@@ -456,6 +477,50 @@ impl Finished {
             .collect()
     }
 
+    /// The run id: the name of the run directory.
+    pub fn run_id(&self) -> String {
+        let dir = self
+            .run_dir
+            .as_ref()
+            .unwrap_or_else(|| panic!("stagehand printed no `logs:` line\n{}", self.dump()));
+        dir.file_name()
+            .expect("run dir has a name")
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Panic unless the stage sandbox of this run is gone: no cgroup `stagehand/<run id>` in
+    /// any hierarchy, and no mount (the netns file, a hosts file) naming the run id.
+    pub fn assert_sandbox_gone(&self) {
+        let run_id = self.run_id();
+        let mut left = Vec::new();
+        if let Ok(hierarchies) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in hierarchies.flatten() {
+                // `/sys/fs/cgroup/<controller>/stagehand/<run>` (v1) or `/sys/fs/cgroup/stagehand/<run>`.
+                for p in [
+                    h.path().join("stagehand").join(&run_id),
+                    Path::new("/sys/fs/cgroup/stagehand").join(&run_id),
+                ] {
+                    if p.exists() && !left.contains(&p.display().to_string()) {
+                        left.push(p.display().to_string());
+                    }
+                }
+            }
+        }
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        left.extend(
+            mounts
+                .lines()
+                .filter(|l| l.contains(&run_id))
+                .map(|l| format!("mount: {l}")),
+        );
+        assert!(
+            left.is_empty(),
+            "the stage sandbox of run {run_id} is still there:\n  {}",
+            left.join("\n  ")
+        );
+    }
+
     /// The log file of step `id` (`<run dir>/logs/<id>.log`).
     pub fn log(&self, id: &str) -> String {
         let dir = self
@@ -469,15 +534,8 @@ impl Finished {
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        // Only what looks like a stagehand run directory: `.../stagehand*/<run id>`.
         if let Some(d) = &self.run_dir {
-            let under_stagehand = d
-                .parent()
-                .and_then(Path::file_name)
-                .is_some_and(|n| n.to_string_lossy().starts_with("stagehand"));
-            if under_stagehand && d.join("logs").is_dir() {
-                let _ = std::fs::remove_dir_all(d);
-            }
+            remove_run_dir(d);
         }
     }
 }
@@ -635,6 +693,15 @@ mod tests {
     fn parses_listening_sockets_only() {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1539 00000000:0000 0A 00000000:00000000 00:00000000 00000000   101        0 1 1 0 100 0 0 10 0\n   1: 0100007F:1539 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000   101        0 2 1 0 20 4 30 10 -1\n   2: 00000000000000000000000001000000:1F90 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 3 1\n";
         assert_eq!(parse_listening(table), [5433, 8080]);
+    }
+
+    #[test]
+    fn run_dir_is_the_parent_of_the_last_logs_line() {
+        assert_eq!(
+            run_dir_from("stagehand: note\nlogs: /run/stagehand/abc/logs\n"),
+            Some(PathBuf::from("/run/stagehand/abc"))
+        );
+        assert_eq!(run_dir_from("stagehand: invalid\n"), None);
     }
 
     #[test]

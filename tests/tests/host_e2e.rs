@@ -2,10 +2,13 @@
 //!
 //! Owns: the host suites: the health-check pipeline of the reference (two parallel
 //! step groups, each a Background PostgreSQL plus a `psql` health check, then a step that uses
-//! both databases), a stage that fails mid-way, a stage interrupted by SIGINT or SIGTERM, step
-//! timeouts, a service that ignores SIGTERM, output variables, secret masking, and a missing
-//! interpreter. Each test checks that nothing it started is left running afterwards. Does not
-//! own: the helpers (`stagehand_e2e::e2e`), or container steps.
+//! both databases; once in stagehand's default stage network, where step ids resolve, and once
+//! with `--network host` on the host's ports 5433/5434), a stage that fails mid-way, a stage
+//! interrupted by SIGINT or SIGTERM, step timeouts, a service that ignores SIGTERM, output
+//! variables, secret masking, and a missing interpreter. Each test checks that nothing it
+//! started is left running afterwards (by the test's marker) and that the run's cgroups and
+//! network namespace are gone. Does not own: the helpers (`stagehand_e2e::e2e`), or container
+//! steps.
 //!
 //! Needs root (CI runs as root: `runAsUser` and reading other processes' environments), the
 //! PostgreSQL 15 server binaries and `psql`, and `cargo build -p stagehand` beforehand.
@@ -31,24 +34,46 @@ fn line_index(text: &str, needle: &str) -> usize {
         .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{text}"))
 }
 
-#[test]
-fn health_checks_on_two_postgres_services() {
+/// The network a health-check run uses.
+#[derive(Clone, Copy, PartialEq)]
+enum Net {
+    /// stagehand's default: one network namespace for the stage, step ids resolve.
+    Stage,
+    /// `--network host`: the services listen on the host's 127.0.0.1:5433/5434.
+    Host,
+}
+
+/// The reference health-check pipeline with two PostgreSQL services, then the leak checks.
+fn health_checks(net: Net) {
     require_root();
     assert!(
         std::path::Path::new("/usr/lib/postgresql/15/bin/postgres").is_file(),
         "PostgreSQL 15 server binaries are missing (apt-get install postgresql-15)"
     );
     let ports = [5433, 5434];
-    assert_ports_free(&ports);
     let ws = Workspace::new();
     // PostgreSQL runs as `postgres` and keeps PGDATA in the workspace.
     ws.open_to_all_users();
-
-    let out = ws
-        .stagehand_run(&pipeline("health-checks.yaml"))
-        .arg("--stop-timeout")
-        .arg("5s")
-        .output();
+    let file = match net {
+        Net::Stage => pipeline("health-checks.yaml"),
+        Net::Host => {
+            // On the host's network the services share it with everything else: the ports
+            // must be free, and step ids do not resolve, so the checks use localhost.
+            assert_ports_free(&ports);
+            let text = std::fs::read_to_string(pipeline("health-checks.yaml")).unwrap();
+            let text = text
+                .replace("-h Background_1", "-h localhost")
+                .replace("-h Background_2", "-h localhost");
+            let copy = ws.path().join("health-checks-host-network.yaml");
+            std::fs::write(&copy, text).unwrap();
+            copy
+        }
+    };
+    let mut cmd = ws.stagehand_run(&file).arg("--stop-timeout").arg("5s");
+    if net == Net::Host {
+        cmd = cmd.arg("--network").arg("host");
+    }
+    let out = cmd.output();
     out.assert_code(0);
 
     // Both health checks ran `psql ... -c 'select 1'` against their own service and passed.
@@ -103,10 +128,24 @@ fn health_checks_on_two_postgres_services() {
     assert!(line_index(&out.stdout, "--> Run_3") > line_index(&out.stdout, "<-- sg2_Run_2 passed"));
     out.assert_stdout_has("stage build succeeded");
 
-    // Nothing of either PostgreSQL is left: no process in or about this run's PGDATA, no
-    // listener on the ports.
+    // Nothing of either PostgreSQL is left: no process in or about this run's workspace
+    // (postgres `chdir`s into PGDATA), no stage sandbox (with it the stage's network), and on
+    // the host's network no listener on the ports.
     assert_no_leaks(ws.marker());
-    assert_ports_closed(&ports, Duration::from_secs(3));
+    out.assert_sandbox_gone();
+    if net == Net::Host {
+        assert_ports_closed(&ports, Duration::from_secs(3));
+    }
+}
+
+#[test]
+fn health_checks_on_two_postgres_services() {
+    health_checks(Net::Stage);
+}
+
+#[test]
+fn health_checks_on_two_postgres_services_host_network() {
+    health_checks(Net::Host);
 }
 
 #[test]
@@ -153,6 +192,7 @@ fn failing_stage_skips_the_rest_and_stops_services() {
         out.elapsed
     );
     assert_no_leaks(ws.marker());
+    out.assert_sandbox_gone();
 }
 
 /// Start the interrupt pipeline, wait until its long step's `sleep 300` and the service are
@@ -208,6 +248,7 @@ fn interrupted_by(sig: Signal, code: i32) {
     );
     assert!(!out.stdout.contains("<-- after passed"), "{}", out.dump());
     assert_no_leaks(ws.marker());
+    out.assert_sandbox_gone();
 }
 
 #[test]
@@ -244,6 +285,7 @@ fn step_timeout_stops_the_step() {
     );
     // The `sleep 30` went with its step.
     assert_no_leaks(ws.marker());
+    out.assert_sandbox_gone();
 }
 
 #[test]
@@ -258,7 +300,7 @@ fn service_ignoring_sigterm_is_killed_after_the_stop_timeout() {
     out.assert_code(0);
     out.assert_stdout_has("stubborn | ignoring SIGTERM");
     out.assert_stdout_has("<-- work passed");
-    out.assert_stdout_has("service stubborn stopped: killed by SIGKILL");
+    out.assert_stdout_has("service stubborn stopped: did not exit within 1s of SIGTERM, killed");
     // One grace period of 1 s, not the default 10 s.
     assert!(
         out.elapsed >= Duration::from_secs(1),
@@ -272,6 +314,7 @@ fn service_ignoring_sigterm_is_killed_after_the_stop_timeout() {
         out.dump()
     );
     assert_no_leaks(ws.marker());
+    out.assert_sandbox_gone();
 }
 
 #[test]
@@ -292,6 +335,7 @@ fn output_variables_reach_later_steps() {
         out.dump()
     );
     assert_no_leaks(ws.marker());
+    out.assert_sandbox_gone();
 }
 
 #[test]
@@ -336,6 +380,7 @@ fn secrets_are_masked_on_stdout_and_in_logs() {
     );
     assert!(!log.contains(&secret), "secret in the log file:\n{log}");
     assert_no_leaks(ws.marker());
+    out.assert_sandbox_gone();
 }
 
 #[test]
@@ -358,4 +403,5 @@ fn missing_interpreter_is_named() {
     out.assert_stdout_has("<-- ps FAILED: executable not found: pwsh");
     out.assert_stdout_has("<-- after skipped");
     assert_no_leaks(ws.marker());
+    out.assert_sandbox_gone();
 }
