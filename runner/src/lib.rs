@@ -17,3 +17,4 @@ pub mod exec;
 pub mod output;
 pub mod schedule;
 pub mod cli;
+pub mod reports;

@@ -65,6 +65,9 @@ const SPEC_COMMON: &[&str] = &[
     "runAsUser", "imagePullPolicy", "resources", "reports",
 ];
 const SPEC_RUN_ONLY: &[&str] = &["outputVariables"];
+/// stagehand's own extensions (documented in the README).
+const SPEC_EXTENSIONS: &[&str] = &["healthCheck", "dependsOn"];
+const HEALTH_KEYS: &[&str] = &["tcp", "http", "exec", "log", "interval", "timeout", "startPeriod", "retries", "deadline"];
 const SPEC_IGNORED: &[&str] = &["connectorRef"];
 
 const GROUP_ACTED: &[&str] =
@@ -643,7 +646,7 @@ impl Loader<'_> {
         let what = if is_run { format!("the spec of Run step `{id}`") } else { format!("the spec of Background step `{id}`") };
         // `outputVariables` passes the key check on Background steps too: it gets its own error
         // below, not a second "unknown key" one.
-        let acted: Vec<&[&str]> = vec![SPEC_COMMON, SPEC_RUN_ONLY];
+        let acted: Vec<&[&str]> = vec![SPEC_COMMON, SPEC_RUN_ONLY, SPEC_EXTENSIONS];
         let mut out = StepSpec::default();
         if !self.keys(spec, &what, &acted, SPEC_IGNORED, Strictness::Error) {
             return out;
@@ -749,6 +752,24 @@ impl Loader<'_> {
         if let Some(res) = spec.get("resources") {
             self.resources(res, &mut out);
         }
+        if let Some(h) = spec.get("healthCheck") {
+            if is_run {
+                self.diags.error(h.pos, format!("`healthCheck` is for Background steps; Run step `{id}` can wait for services with `dependsOn`"));
+            } else {
+                out.health_check = self.health_check(h);
+            }
+        }
+        if let Some(d) = spec.get("dependsOn") {
+            if !is_run {
+                self.diags.error(d.pos, format!("`dependsOn` is for Run steps; Background step `{id}` starts at once"));
+            } else {
+                for item in self.seq(d, "`dependsOn`") {
+                    if let Some(t) = self.text(item, "a `dependsOn` entry") {
+                        out.depends_on.push(t);
+                    }
+                }
+            }
+        }
         if let Some(rep) = spec.get("reports") {
             self.reports(rep, &mut out);
         }
@@ -770,6 +791,81 @@ impl Loader<'_> {
             }
         }
         out
+    }
+
+    fn health_check(&mut self, h: &Node) -> Option<HealthCheck> {
+        if !self.keys(h, "`healthCheck`", &[HEALTH_KEYS], &[], Strictness::Error) {
+            return None;
+        }
+        let probes: Vec<&str> = ["tcp", "http", "exec", "log"].into_iter().filter(|k| h.get(k).is_some()).collect();
+        if probes.len() != 1 {
+            self.diags.error(h.pos, "`healthCheck` needs exactly one of `tcp`, `http`, `exec` or `log`");
+            return None;
+        }
+        let probe = match probes[0] {
+            "tcp" => {
+                let n = h.get("tcp").unwrap();
+                Probe::Tcp(self.port(&n.as_text().unwrap_or_default(), n.pos, "health check port")?)
+            }
+            "http" => {
+                let n = h.get("http").unwrap();
+                if let Some(p) = n.as_text() {
+                    // `http: 8080` is shorthand for `{port: 8080}`.
+                    Probe::Http { port: self.port(&p, n.pos, "health check port")?, path: "/".into(), status: None }
+                } else {
+                    if !self.keys(n, "`healthCheck.http`", &[&["port", "path", "status"]], &[], Strictness::Error) {
+                        return None;
+                    }
+                    let Some(pn) = n.get("port") else {
+                        self.diags.error(n.pos, "`healthCheck.http` needs a `port`");
+                        return None;
+                    };
+                    let port = self.port(&pn.as_text().unwrap_or_default(), pn.pos, "health check port")?;
+                    let path = n.get("path").and_then(|p| p.as_text()).unwrap_or_else(|| "/".into());
+                    if !path.starts_with('/') {
+                        self.diags.error(n.get("path").unwrap().pos, format!("health check path `{path}` must start with `/`"));
+                    }
+                    let status = match n.get("status") {
+                        None => None,
+                        Some(sn) => match sn.as_text().and_then(|t| t.parse::<u16>().ok()) {
+                            Some(c) if (100..=599).contains(&c) => Some(c),
+                            _ => {
+                                self.diags.error(sn.pos, "health check `status` must be an HTTP status code such as 200");
+                                None
+                            }
+                        },
+                    };
+                    Probe::Http { port, path, status }
+                }
+            }
+            "exec" => Probe::Exec(self.text(h.get("exec").unwrap(), "`healthCheck.exec`")?),
+            _ => {
+                let t = self.text(h.get("log").unwrap(), "`healthCheck.log`")?;
+                if let Err(e) = regex::Regex::new(&t.value) {
+                    self.diags.error(t.pos, format!("invalid regular expression in `healthCheck.log`: {}", e.to_string().lines().last().unwrap_or("")));
+                    return None;
+                }
+                Probe::Log(t.value)
+            }
+        };
+        let mut dur = |key: &str, default: std::time::Duration| -> std::time::Duration {
+            match h.get(key).and_then(|n| n.as_text().map(|t| (t, n.pos))) {
+                None => default,
+                Some((t, pos)) => match units::parse_duration(&t) {
+                    Ok(d) => d,
+                    Err(e) => {
+                        self.diags.error(pos, format!("`healthCheck.{key}`: {e}"));
+                        default
+                    }
+                },
+            }
+        };
+        let interval = dur("interval", std::time::Duration::from_millis(100));
+        let timeout = dur("timeout", std::time::Duration::from_secs(1));
+        let start_period = dur("startPeriod", std::time::Duration::ZERO);
+        let deadline = dur("deadline", std::time::Duration::from_secs(300));
+        let retries = h.get("retries").and_then(|n| self.count(n, "`healthCheck.retries`")).map(|r| r as u32);
+        Some(HealthCheck { probe, interval, timeout, start_period, retries, deadline, pos: h.pos })
     }
 
     fn port(&mut self, s: &str, pos: Pos, what: &str) -> Option<u16> {

@@ -174,6 +174,39 @@ pub struct StepSpec {
     pub cpu: Option<u64>,
     pub reports: Vec<Text>,
     pub output_variables: Vec<OutputVariable>,
+    /// stagehand extension on Background steps: when the service counts as ready.
+    pub health_check: Option<HealthCheck>,
+    /// stagehand extension on Run steps: wait only for these services (step ids).
+    pub depends_on: Vec<Text>,
+}
+
+/// How readiness is probed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Probe {
+    /// A TCP connect to 127.0.0.1:PORT in the stage network.
+    Tcp(u16),
+    /// An HTTP GET; `status` None means any 2xx.
+    Http { port: u16, path: String, status: Option<u16> },
+    /// A command run in the service's environment; exit 0 means ready.
+    Exec(Text),
+    /// A line of the service's output matching this regular expression.
+    Log(String),
+}
+
+/// `healthCheck` of a Background step (a stagehand extension; Docker HEALTHCHECK semantics).
+#[derive(Clone, Debug, PartialEq)]
+pub struct HealthCheck {
+    pub probe: Probe,
+    pub interval: std::time::Duration,
+    /// Per probe.
+    pub timeout: std::time::Duration,
+    /// Failures during this period do not count against `retries`.
+    pub start_period: std::time::Duration,
+    /// Consecutive failed probes (after `start_period`) that make the service failed.
+    pub retries: Option<u32>,
+    /// Not ready by then: failed.
+    pub deadline: std::time::Duration,
+    pub pos: Pos,
 }
 
 #[derive(Clone, Debug, PartialEq)]

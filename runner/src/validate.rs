@@ -60,7 +60,8 @@ pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
         let mut host_ports: BTreeMap<u16, String> = BTreeMap::new();
         // Each step once (not once per loop iteration).
         let mut checked = std::collections::HashSet::new();
-        for step in plan.steps() {
+        let plan_steps = plan.steps();
+        for step in plan_steps.iter().cloned() {
             if matches!(step.kind, StepKind::Background) {
                 for pb in &step.spec.port_bindings {
                     if let Some(other) = host_ports.get(&pb.host) {
@@ -83,6 +84,20 @@ pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
             }
             for (_, t) in &s.env {
                 v.template(t, scope, diags);
+            }
+            if let Some(HealthCheck { probe: Probe::Exec(t), .. }) = &s.health_check {
+                v.template(t, scope, diags);
+            }
+            for d in &s.depends_on {
+                let services: Vec<&str> = plan_steps
+                    .iter()
+                    .filter(|p| p.kind == StepKind::Background)
+                    .flat_map(|p| [p.id.as_str(), p.identifier.as_str()])
+                    .collect();
+                if !services.contains(&d.value.as_str()) {
+                    let hint = did_you_mean(&d.value, &services).map(|x| format!(" (did you mean `{x}`?)")).unwrap_or_default();
+                    diags.error(d.pos, format!("`dependsOn` names `{}`, which is not a Background step of stage `{}`{hint}", d.value, stage.identifier));
+                }
             }
             if let Some(Timeout::Expr(t)) = &step.timeout {
                 v.template(t, scope, diags);

@@ -21,7 +21,8 @@ use stagehand_supervisor::stage::{Stage, StepSandbox};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, LineSink, Outcome, ResolvedStep, ServiceEnd};
+use super::{Executor, LineSink, Outcome, ResolvedHealth, ResolvedProbe, ResolvedStep, ServiceEnd, ServiceState};
+use tokio::sync::watch;
 use crate::model::Shell;
 
 /// Grace period for a Run step stopped by its timeout or an abort, before SIGKILL.
@@ -211,6 +212,178 @@ impl HostExecutor {
     }
 }
 
+/// What an `exec` probe needs to start its command like the service: argv prefix and env.
+struct ExecProbe {
+    env: Vec<(OsString, OsString)>,
+    cwd: PathBuf,
+    command: String,
+    user: Option<UserSpec>,
+    netns: Option<PathBuf>,
+    hosts: Option<PathBuf>,
+}
+
+struct ProbeCtx {
+    netns: Option<PathBuf>,
+    exec: Option<ExecProbe>,
+}
+
+impl HostExecutor {
+    fn probe_spec_parts(&self, step: &ResolvedStep, cmd: &str) -> Result<ExecProbe, String> {
+        let (spec, _) = self.prepare(step)?;
+        let stage = self.stage();
+        Ok(ExecProbe {
+            env: spec.env,
+            cwd: spec.cwd,
+            command: cmd.to_string(),
+            user: spec.user,
+            netns: stage.as_ref().and_then(|s| s.netns_path().map(Path::to_path_buf)),
+            hosts: stage.as_ref().filter(|_| nix::unistd::geteuid().is_root()).map(|s| s.hosts_path().to_path_buf()),
+        })
+    }
+}
+
+/// Passes output on, and marks the service ready at the first line matching the regex.
+struct LogProbe {
+    inner: Arc<dyn LineSink>,
+    re: regex::Regex,
+    tx: Arc<watch::Sender<ServiceState>>,
+    started: Instant,
+}
+
+impl LineSink for LogProbe {
+    fn line(&self, step: &str, line: &str) {
+        self.inner.line(step, line);
+        if *self.tx.borrow() == ServiceState::Starting && self.re.is_match(line) {
+            let took = self.started.elapsed();
+            self.tx.send_if_modified(|st| {
+                if *st == ServiceState::Starting {
+                    *st = ServiceState::Ready(took);
+                    return true;
+                }
+                false
+            });
+        }
+    }
+}
+
+/// Probe every `interval` until ready, failed, the service exits, or teardown begins.
+async fn probe_loop(h: ResolvedHealth, ctx: ProbeCtx, tx: Arc<watch::Sender<ServiceState>>, started: Instant, stopping: Arc<std::sync::atomic::AtomicBool>) {
+    let ctx = Arc::new(ctx);
+    let mut failures = 0u32;
+    loop {
+        if stopping.load(std::sync::atomic::Ordering::SeqCst) || *tx.borrow() != ServiceState::Starting {
+            return;
+        }
+        let attempt = tokio::time::timeout(h.timeout, probe_once(&h.probe, ctx.clone())).await;
+        let result = match attempt {
+            Ok(r) => r,
+            Err(_) => Err(format!("probe timed out after {}", crate::units::format_duration(h.timeout))),
+        };
+        let elapsed = started.elapsed();
+        let next = match result {
+            Ok(()) => Some(ServiceState::Ready(elapsed)),
+            Err(e) => {
+                if elapsed >= h.start_period {
+                    failures += 1;
+                }
+                if h.retries.is_some_and(|r| failures >= r) {
+                    Some(ServiceState::Failed(format!("health check failed {failures} times in a row; last: {e}")))
+                } else if elapsed >= h.deadline {
+                    Some(ServiceState::Failed(format!("not ready after {}; last probe: {e}", crate::units::format_duration(h.deadline))))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(state) = next {
+            tx.send_if_modified(|st| {
+                if *st == ServiceState::Starting {
+                    *st = state;
+                    return true;
+                }
+                false
+            });
+            return;
+        }
+        tokio::time::sleep(h.interval).await;
+    }
+}
+
+async fn probe_once(probe: &ResolvedProbe, ctx: Arc<ProbeCtx>) -> Result<(), String> {
+    match probe {
+        ResolvedProbe::Tcp(port) => {
+            let port = *port;
+            in_stage(&ctx, move || std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))).await
+        }
+        ResolvedProbe::Http { port, path, status } => {
+            let (port, path, want) = (*port, path.clone(), *status);
+            in_stage(&ctx, move || http_probe(port, &path, want)).await
+        }
+        ResolvedProbe::Exec(_) => exec_probe(&ctx).await,
+        ResolvedProbe::Log(_) => Err("log probes are driven by output".into()),
+    }
+}
+
+/// Run blocking socket work where the service's sockets are: on a thread inside the stage
+/// network namespace, or on the host.
+async fn in_stage(ctx: &Arc<ProbeCtx>, f: impl FnOnce() -> Result<(), String> + Send + 'static) -> Result<(), String> {
+    let ns = ctx.netns.clone();
+    tokio::task::spawn_blocking(move || match ns {
+        Some(path) => {
+            let ns = stagehand_supervisor::netns::NetNs::open(&path).map_err(|e| e.to_string())?;
+            stagehand_supervisor::netns::run_in(&ns, f).map_err(|e| e.to_string())?
+        }
+        None => f(),
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+fn http_probe(port: u16, path: &str, want: Option<u16>) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: stagehand-health\r\n\r\n").map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 64];
+    let n = s.read(&mut buf).map_err(|e| format!("read: {e}"))?;
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("not an HTTP response: {head:?}"))?;
+    let ok = match want {
+        Some(w) => code == w,
+        None => (200..300).contains(&code),
+    };
+    if ok { Ok(()) } else { Err(format!("GET {path} answered {code}")) }
+}
+
+async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
+    let Some(e) = &ctx.exec else { return Err("no exec probe".into()) };
+    let mut spec = SpawnSpec::new(["sh".to_string(), "-c".into(), e.command.clone()], e.env.clone(), &e.cwd);
+    spec.user = e.user.clone();
+    spec.output = OutputTarget::Null;
+    spec.process_group = true;
+    spec.parent_death_signal = Some(libc::SIGKILL);
+    if let Some(ns) = &e.netns {
+        spec.netns = Some(stagehand_supervisor::netns::NetNs::open(ns).and_then(|n| n.fd()).map_err(|e| e.to_string())?);
+    }
+    if let Some(h) = &e.hosts {
+        spec.private_mounts.push(stagehand_supervisor::process::BindMount::new(h, "/etc/hosts").map_err(|e| e.to_string())?);
+    }
+    let child = process::spawn(spec).map_err(|e| e.to_string())?;
+    // Dropped by the caller's timeout: the group is killed so no probe outlives its turn.
+    struct Kill<'a>(&'a Child);
+    impl Drop for Kill<'_> {
+        fn drop(&mut self) {
+            if self.0.try_status().is_none() {
+                let _ = self.0.signal_group(libc::SIGKILL);
+            }
+        }
+    }
+    let guard = Kill(&child);
+    let status = child.wait().await;
+    drop(guard);
+    if status.success() { Ok(()) } else { Err(format!("`{}` {status}", e.command)) }
+}
+
 struct Spawned {
     child: Arc<Child>,
     reader: tokio::task::JoinHandle<()>,
@@ -268,36 +441,80 @@ impl Executor for HostExecutor {
         .boxed()
     }
 
-    fn start_service<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>) -> BoxFuture<'a, Result<(), String>> {
+    fn start_service<'a>(
+        &'a self,
+        step: &'a ResolvedStep,
+        out: Arc<dyn LineSink>,
+    ) -> BoxFuture<'a, Result<watch::Receiver<ServiceState>, String>> {
         async move {
-            let Spawned { child, reader, sandbox, .. } = self.spawn(step, out.clone())?;
+            let initial = if step.health_check.is_some() { ServiceState::Starting } else { ServiceState::Ready(Duration::ZERO) };
+            let (tx, rx) = watch::channel(initial);
+            let tx = Arc::new(tx);
+            let started = Instant::now();
+            // A `log:` probe watches the output lines as they arrive.
+            let sink: Arc<dyn LineSink> = match step.health_check.as_ref().map(|h| &h.probe) {
+                Some(ResolvedProbe::Log(re)) => Arc::new(LogProbe { inner: out.clone(), re: re.clone(), tx: tx.clone(), started }),
+                _ => out.clone(),
+            };
+            let Spawned { child, reader, sandbox, .. } = self.spawn(step, sink)?;
             if let Some(stage) = self.stage() {
                 stage.record_service(&step.id, child.pid());
             }
             let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            // Report a service that ends on its own while the stage runs.
+            // Follow the service's exit while the stage runs.
             {
                 let child = child.clone();
                 let stopping = stopping.clone();
-                let id = step.id.clone();
-                let started = Instant::now();
+                let tx = tx.clone();
                 let oom_cg = sandbox.as_ref().and_then(|s| s.cgroup.clone());
                 tokio::spawn(async move {
                     let status = child.wait().await;
-                    if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
-                        let oom = oom_cg.as_ref().is_some_and(|c| c.oom_killed().unwrap_or(false));
-                        let why = if oom {
-                            let limit = oom_cg.as_ref().and_then(|c| c.memory_limit()).map(crate::units::format_memory).unwrap_or_default();
-                            format!("{id} was killed: out of memory (limit {limit})")
-                        } else {
-                            format!("service exited on its own after {}: {status}", crate::units::format_duration(started.elapsed()))
-                        };
-                        out.line(&id, &format!("[stagehand] {why}"));
+                    if stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
                     }
+                    let oom = oom_cg.as_ref().is_some_and(|c| c.oom_killed().unwrap_or(false));
+                    let why = if oom {
+                        let limit = oom_cg.as_ref().and_then(|c| c.memory_limit()).map(crate::units::format_memory).unwrap_or_default();
+                        format!("was killed: out of memory (limit {limit})")
+                    } else {
+                        format!("exited after {}: {status}", crate::units::format_duration(started.elapsed()))
+                    };
+                    tx.send_modify(|st| {
+                        *st = match st {
+                            ServiceState::Starting => ServiceState::Failed(format!("{why}, before it was ready")),
+                            _ => ServiceState::Exited { description: why, clean: status.success() },
+                        }
+                    });
                 });
             }
+            if let Some(h) = step.health_check.clone() {
+                if !matches!(h.probe, ResolvedProbe::Log(_)) {
+                    let ctx = ProbeCtx {
+                        netns: self.stage().and_then(|s| s.netns_path().map(Path::to_path_buf)),
+                        exec: match &h.probe {
+                            ResolvedProbe::Exec(cmd) => Some(self.probe_spec_parts(step, cmd)?),
+                            _ => None,
+                        },
+                    };
+                    tokio::spawn(probe_loop(h, ctx, tx.clone(), started, stopping.clone()));
+                } else {
+                    // The deadline still applies to a log probe.
+                    let tx = tx.clone();
+                    let deadline = h.deadline;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(deadline).await;
+                        tx.send_if_modified(|st| {
+                            if *st == ServiceState::Starting {
+                                *st = ServiceState::Failed(format!("no output line matched the health check within {}", crate::units::format_duration(deadline)));
+                                return true;
+                            }
+                            false
+                        });
+                    });
+                }
+            }
             self.services.lock().await.push(Service { id: step.id.clone(), sandbox, child, stopping, output_done: reader });
-            Ok(())
+            Ok(rx)
         }
         .boxed()
     }

@@ -39,6 +39,40 @@ pub struct ResolvedStep {
     pub timeout: Option<Duration>,
     pub reports: Vec<String>,
     pub workspace: PathBuf,
+    /// Background steps: how readiness is seen (`None`: ready once started).
+    pub health_check: Option<ResolvedHealth>,
+}
+
+/// A `healthCheck` with its expressions rendered.
+#[derive(Clone, Debug)]
+pub struct ResolvedHealth {
+    pub probe: ResolvedProbe,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub start_period: Duration,
+    pub retries: Option<u32>,
+    pub deadline: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub enum ResolvedProbe {
+    Tcp(u16),
+    Http { port: u16, path: String, status: Option<u16> },
+    Exec(String),
+    Log(regex::Regex),
+}
+
+/// Where a service is in its life, as the executor sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ServiceState {
+    /// Started; its health check has not passed yet.
+    Starting,
+    /// Ready, this long after it was started.
+    Ready(Duration),
+    /// It will never be ready: it exited first, or its health check gave up.
+    Failed(String),
+    /// It ended on its own after being ready (`clean`: exit code 0).
+    Exited { description: String, clean: bool },
 }
 
 /// How a Run step ended.
@@ -73,7 +107,12 @@ pub trait Executor: Send + Sync {
     fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome>;
 
     /// Start a Background service and return once it is started; it lives until `teardown`.
-    fn start_service<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>) -> BoxFuture<'a, Result<(), String>>;
+    /// The receiver follows its state (readiness, an early exit) until teardown begins.
+    fn start_service<'a>(
+        &'a self,
+        step: &'a ResolvedStep,
+        out: Arc<dyn LineSink>,
+    ) -> BoxFuture<'a, Result<tokio::sync::watch::Receiver<ServiceState>, String>>;
 
     /// Stop every service (reverse start order) and release everything the stage started.
     /// Returns how each service ended and every error met on the way; never stops early.

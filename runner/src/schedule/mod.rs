@@ -14,7 +14,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use crate::context::{Ctx, RunInfo, StageInfo, render};
-use crate::exec::{Executor, LineSink, Outcome, ResolvedStep};
+use crate::exec::{Executor, LineSink, Outcome, ResolvedHealth, ResolvedProbe, ResolvedStep, ServiceState};
+use tokio::sync::{mpsc, watch};
 use crate::expr;
 use crate::model::*;
 use crate::output::Console;
@@ -93,6 +94,21 @@ pub struct StageRun {
     /// Fired by a signal to stagehand, or by an Abort failure strategy.
     pub cancel: CancellationToken,
     state: Mutex<State>,
+    /// Services started so far: (step id, identifier, state), in start order.
+    services: Mutex<Vec<ServiceEntry>>,
+    /// Service state changes, forwarded to the stage's own loop in `run`.
+    events: (mpsc::UnboundedSender<(String, ServiceState)>, tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, ServiceState)>>),
+    /// Cancels the Run steps in flight when a service fails (a child of `cancel`); replaced
+    /// after each use so steps gated on failure can still run.
+    in_flight: Mutex<CancellationToken>,
+    /// Services whose failure was already reported (events and waiters may both see it).
+    failed_services: Mutex<std::collections::HashSet<String>>,
+}
+
+struct ServiceEntry {
+    id: String,
+    identifier: String,
+    state: watch::Receiver<ServiceState>,
 }
 
 struct State {
@@ -115,7 +131,22 @@ impl StageRun {
         options: RunOptions,
         cancel: CancellationToken,
     ) -> StageRun {
-        StageRun { plan, run, stage, exec, console, options, cancel, state: Mutex::new(State { status: StageStatus::Success, results: vec![] }) }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let in_flight = Mutex::new(cancel.child_token());
+        StageRun {
+            plan,
+            run,
+            stage,
+            exec,
+            console,
+            options,
+            cancel,
+            state: Mutex::new(State { status: StageStatus::Success, results: vec![] }),
+            services: Mutex::new(Vec::new()),
+            events: (tx, tokio::sync::Mutex::new(rx)),
+            in_flight,
+            failed_services: Mutex::new(Default::default()),
+        }
     }
 
     fn status(&self) -> StageStatus {
@@ -144,7 +175,22 @@ impl StageRun {
         let ids: Vec<String> = self.plan.steps().iter().map(|s| s.id.clone()).collect();
         self.console.set_width(&ids);
         let root = self.plan.root.clone();
-        self.node(&root).await;
+        {
+            // The steps, and beside them the service events: readiness is printed as it
+            // happens, and a service that fails fails the stage at once.
+            let mut events = self.events.1.lock().await;
+            let steps = self.node(&root);
+            tokio::pin!(steps);
+            loop {
+                tokio::select! {
+                    _ = &mut steps => break,
+                    Some((id, st)) = events.recv() => self.on_service(&id, st),
+                }
+            }
+            while let Ok((id, st)) = events.try_recv() {
+                self.on_service(&id, st);
+            }
+        }
         if self.cancel.is_cancelled() {
             let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
             s.status = StageStatus::Aborted;
@@ -158,7 +204,8 @@ impl StageRun {
             // A service that died during the stage fails it, and its row says why.
             self.console.status(&format!("    service {} FAILED: {}", e.id, e.description));
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(r) = st.results.iter_mut().find(|r| r.id == e.id) {
+            // Keep the reason seen while the stage ran, if there was one.
+            if let Some(r) = st.results.iter_mut().find(|r| r.id == e.id && r.verdict != Verdict::Failed) {
                 r.verdict = Verdict::Failed;
                 r.message = Some(e.description.clone());
             }
@@ -174,6 +221,118 @@ impl StageRun {
         }
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
         StageReport { identifier: self.plan.identifier.clone(), status: s.status, results: s.results.clone(), duration: started.elapsed() }
+    }
+
+    /// A service changed state while the stage runs.
+    fn on_service(&self, id: &str, st: ServiceState) {
+        let (failed, why) = match st {
+            ServiceState::Starting => return,
+            ServiceState::Ready(d) => {
+                self.console.status(&format!("<-- {id} ready ({})", crate::units::format_duration(d)));
+                return;
+            }
+            ServiceState::Exited { description, clean: true } => {
+                self.console.status(&format!("    service {id} {description}"));
+                return;
+            }
+            ServiceState::Exited { description, clean: false } => (true, description),
+            ServiceState::Failed(why) => (true, why),
+        };
+        if !failed || !self.failed_services.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string()) {
+            return;
+        }
+        self.console.status(&format!("!!! service {id} failed: {why}"));
+        self.print_tail(id, 30);
+        {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(r) = st.results.iter_mut().find(|r| r.id == id) {
+                r.verdict = Verdict::Failed;
+                r.message = Some(why);
+            }
+            if st.status == StageStatus::Success {
+                st.status = StageStatus::Failed;
+            }
+        }
+        // Steps running now depended on a stage that no longer holds: stop them.
+        let mut token = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        token.cancel();
+        *token = self.cancel.child_token();
+    }
+
+    fn print_tail(&self, id: &str, n: usize) {
+        let tail = self.console.tail(id, n);
+        if tail.is_empty() {
+            return;
+        }
+        self.console.status(&format!("    last {} lines of {id}:", tail.len()));
+        for l in tail {
+            self.console.status(&format!("    | {l}"));
+        }
+    }
+
+    /// Before a Run step: wait until the services it depends on are ready (all services
+    /// started so far, or its `dependsOn`). Err names a service that will never be ready.
+    async fn wait_for_services(&self, s: &PlannedStep) -> Result<(), String> {
+        let mut wanted: Vec<(String, watch::Receiver<ServiceState>)> = {
+            let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+            services
+                .iter()
+                .filter(|e| s.spec.depends_on.is_empty() || s.spec.depends_on.iter().any(|d| d.value == e.id || d.value == e.identifier))
+                .map(|e| (e.id.clone(), e.state.clone()))
+                .collect()
+        };
+        let mut announced = false;
+        let waited = Instant::now();
+        loop {
+            let mut starting = Vec::new();
+            // `borrow_and_update` marks each state seen, so the waits below wake only on a
+            // new change, not over and over on the one just read.
+            for (id, rx) in &mut wanted {
+                let st = rx.borrow_and_update().clone();
+                match st {
+                    ServiceState::Starting => starting.push(id.clone()),
+                    ServiceState::Failed(ref why) => {
+                        let msg = format!("service {id} failed: {why}");
+                        self.on_service(id, st);
+                        return Err(msg);
+                    }
+                    ServiceState::Exited { clean: false, ref description } => {
+                        let msg = format!("service {id} {description}");
+                        self.on_service(id, st);
+                        return Err(msg);
+                    }
+                    _ => {}
+                }
+            }
+            if starting.is_empty() {
+                if announced {
+                    self.console.status(&format!("    {} waited {} for services", s.id, crate::units::format_duration(waited.elapsed())));
+                }
+                return Ok(());
+            }
+            if !announced {
+                self.console.status(&format!("    {} waiting for {} (starting)", s.id, starting.join(", ")));
+                announced = true;
+            }
+            let mut changes: Vec<BoxFuture<'_, ()>> = wanted
+                .iter()
+                .map(|(_, rx)| {
+                    let mut rx = rx.clone();
+                    async move {
+                        // A closed channel (executor gone) must not spin: wait for cancel.
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    .boxed()
+                })
+                .collect();
+            changes.push(self.cancel.cancelled().boxed());
+            let _ = futures::future::select_all(changes).await;
+            if self.cancel.is_cancelled() {
+                return Err("stage aborted".into());
+            }
+        }
     }
 
     fn node<'a>(&'a self, n: &'a PlanNode) -> BoxFuture<'a, ()> {
@@ -276,6 +435,22 @@ impl StageRun {
             timeout,
             reports: spec.reports.iter().map(&r).collect::<Result<_, _>>()?,
             workspace: self.options.workspace.clone(),
+            health_check: match &spec.health_check {
+                None => None,
+                Some(h) => Some(ResolvedHealth {
+                    probe: match &h.probe {
+                        Probe::Tcp(p) => ResolvedProbe::Tcp(*p),
+                        Probe::Http { port, path, status } => ResolvedProbe::Http { port: *port, path: path.clone(), status: *status },
+                        Probe::Exec(t) => ResolvedProbe::Exec(r(t)?),
+                        Probe::Log(re) => ResolvedProbe::Log(regex::Regex::new(re).map_err(|e| e.to_string())?),
+                    },
+                    interval: h.interval,
+                    timeout: h.timeout,
+                    start_period: h.start_period,
+                    retries: h.retries,
+                    deadline: h.deadline,
+                }),
+            },
         })
     }
 
@@ -308,7 +483,23 @@ impl StageRun {
         if s.kind == StepKind::Background {
             self.console.step_start(&s.id, &format!("starting service {place}"));
             match self.exec.start_service(&resolved, sink).await {
-                Ok(()) => {
+                Ok(state) => {
+                    let mut follow = state.clone();
+                    self.services.lock().unwrap_or_else(|e| e.into_inner()).push(ServiceEntry {
+                        id: s.id.clone(),
+                        identifier: s.identifier.clone(),
+                        state,
+                    });
+                    let tx = self.events.0.clone();
+                    let id = s.id.clone();
+                    tokio::spawn(async move {
+                        while follow.changed().await.is_ok() {
+                            let st = follow.borrow_and_update().clone();
+                            if tx.send((id.clone(), st)).is_err() {
+                                return;
+                            }
+                        }
+                    });
                     self.console.step_end(&s.id, "started", Some(started.elapsed()));
                     self.record(StepResult {
                         id: s.id.clone(),
@@ -338,12 +529,19 @@ impl StageRun {
             }
             return;
         }
+        if let Err(why) = self.wait_for_services(s).await {
+            if self.cancel.is_cancelled() {
+                return self.skip(s, "stage aborted");
+            }
+            return self.skip(s, &why);
+        }
         self.console.step_start(&s.id, &format!("running {place}"));
         let mut attempt = 1u32;
         // The retry budget of the strategy that first matched; retries re-enter the same loop.
         let mut retries_left: Option<u32> = None;
         loop {
-            let outcome = self.exec.run(&resolved, sink.clone(), self.cancel.clone()).await;
+            let token = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let outcome = self.exec.run(&resolved, sink.clone(), token).await;
             let (kind, message) = match outcome {
                 Outcome::Exited { code: 0, outputs } => {
                     self.accept_outputs(s, outputs);
@@ -370,8 +568,11 @@ impl StageRun {
                         duration: Some(started.elapsed()),
                         attempts: attempt,
                     });
-                    let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                    st.status = StageStatus::Aborted;
+                    // A signal or an Abort aborts the stage; a failed service has already
+                    // failed it, and steps gated on failure still run.
+                    if self.cancel.is_cancelled() {
+                        self.state.lock().unwrap_or_else(|e| e.into_inner()).status = StageStatus::Aborted;
+                    }
                     return;
                 }
                 Outcome::Exited { code, .. } => (FailKind::Other, format!("exit code {code}")),
@@ -433,6 +634,20 @@ impl StageRun {
             v => format!("{}: {message}", v.label()),
         };
         self.console.step_end(&s.id, &shown, Some(started.elapsed()));
+        if matches!(verdict, Verdict::Failed | Verdict::TimedOut) {
+            // What the services said last is usually why a step against them failed.
+            let running: Vec<String> = self
+                .services
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .filter(|e| matches!(*e.state.borrow(), ServiceState::Starting | ServiceState::Ready(_)))
+                .map(|e| e.id.clone())
+                .collect();
+            for id in running {
+                self.print_tail(&id, 10);
+            }
+        }
         self.record(StepResult {
             id: s.id.clone(),
             name: s.name.clone(),

@@ -12,7 +12,8 @@ use tokio_util::sync::CancellationToken;
 use super::*;
 use crate::context::{Codebase, RunInfo, Secrets, StageInfo};
 use crate::diag::Diagnostics;
-use crate::exec::{Executor, LineSink, Outcome, ResolvedStep, ServiceEnd};
+use crate::exec::{Executor, LineSink, Outcome, ResolvedStep, ServiceEnd, ServiceState};
+use tokio::sync::watch;
 use crate::output::Console;
 use crate::plan::plan_stage;
 
@@ -69,12 +70,33 @@ impl Executor for Fake {
         .boxed()
     }
 
-    fn start_service<'a>(&'a self, step: &'a ResolvedStep, _out: Arc<dyn LineSink>) -> BoxFuture<'a, Result<(), String>> {
+    fn start_service<'a>(
+        &'a self,
+        step: &'a ResolvedStep,
+        _out: Arc<dyn LineSink>,
+    ) -> BoxFuture<'a, Result<watch::Receiver<ServiceState>, String>> {
         async move {
             self.log.lock().unwrap().push(("service".into(), step.id.clone(), tokio::time::Instant::now()));
-            match self.scripts.get(&step.id).and_then(|s| s.outcomes.first().cloned()) {
+            let script = self.scripts.get(&step.id).cloned();
+            match script.as_ref().and_then(|s| s.outcomes.first().cloned()) {
                 Some(Outcome::Error(e)) => Err(e),
-                _ => Ok(()),
+                // A scripted service becomes ready (exit 0) or fails (other codes) after its delay.
+                Some(Outcome::Exited { code, .. }) => {
+                    let (tx, rx) = watch::channel(ServiceState::Starting);
+                    let delay = script.unwrap().delay;
+                    tokio::spawn(async move {
+                        tokio::time::sleep(delay).await;
+                        let _ = tx.send(if code == 0 {
+                            ServiceState::Ready(delay)
+                        } else {
+                            ServiceState::Failed(format!("exited with code {code} before it was ready"))
+                        });
+                        // Keep the channel open like a live service would.
+                        tokio::time::sleep(Duration::from_secs(3600)).await;
+                    });
+                    Ok(rx)
+                }
+                _ => Ok(watch::channel(ServiceState::Ready(Duration::ZERO)).1),
             }
         }
         .boxed()
@@ -302,4 +324,41 @@ async fn a_service_that_cannot_start_fails_the_stage() {
     assert_eq!(r.status, StageStatus::Failed);
     assert_eq!(verdicts(&r), ["svc FAILED", "a skipped (an earlier step failed)"]);
     assert!(fake.events().contains(&"teardown ".to_string()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_steps_wait_for_services_to_be_ready() {
+    let mut f = Fake::default();
+    f.scripts.insert("slow".into(), script(vec![ok()], 700));
+    f.scripts.insert("fast".into(), script(vec![ok()], 100));
+    let yaml = stage(&format!(
+        "        - step: {{identifier: slow, type: Background, spec: {{command: x}}}}\n        - step: {{identifier: fast, type: Background, spec: {{command: x}}}}\n{}{}",
+        run_step("only_fast", "").replace("              command: 'true'\n", "              command: 'true'\n              dependsOn: [fast]\n"),
+        run_step("all", "")
+    ));
+    let t0 = tokio::time::Instant::now();
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Success, "{:?}", verdicts(&r));
+    let log = fake.log.lock().unwrap();
+    let start = |id: &str| log.iter().find(|e| e.0 == "start" && e.1 == id).unwrap().2 - t0;
+    assert!(start("only_fast") >= Duration::from_millis(100) && start("only_fast") < Duration::from_millis(700), "{:?}", start("only_fast"));
+    assert!(start("all") >= Duration::from_millis(700), "{:?}", start("all"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_that_fails_before_ready_fails_the_stage_and_skips_dependents() {
+    let mut f = Fake::default();
+    f.scripts.insert("db".into(), script(vec![fail(1)], 200));
+    let yaml = stage(&format!(
+        "        - step: {{identifier: db, type: Background, spec: {{command: x}}}}\n{}{}",
+        run_step("uses_db", ""),
+        run_step("cleanup", "            when: {stageStatus: All}\n")
+    ));
+    let (r, _) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Failed);
+    assert_eq!(verdicts(&r)[0], "db FAILED");
+    assert!(verdicts(&r)[1].starts_with("uses_db skipped (service db failed: exited with code 1 before it was ready"), "{:?}", verdicts(&r));
+    // A cleanup step gated on All still waits for nothing that failed... it depends on db too,
+    // so it is skipped with the same reason rather than run against a dead service.
+    assert!(verdicts(&r)[2].starts_with("cleanup skipped (service db failed"), "{:?}", verdicts(&r));
 }
