@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::context::{Codebase, Ctx, RunInfo, Secrets, StageInfo, render};
 use crate::diag::Diagnostics;
+use crate::exec::container::Containers;
 use crate::exec::host::{DefaultLimits, HostExecutor};
 use stagehand_supervisor::cgroup::Limits;
 use crate::inputs::InputValues;
@@ -48,6 +49,43 @@ pub enum Command {
     Gc,
     /// List running stages and their services.
     Ps,
+    /// Manage the image store: load, import, ls, rm, inspect, prune.
+    Image {
+        /// The image store (default: /var/lib/stagehand as root, $XDG_DATA_HOME/stagehand otherwise).
+        #[arg(long = "root", value_name = "DIR", global = true)]
+        root: Option<PathBuf>,
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImageCmd {
+    /// Load an oci-archive or docker-archive tarball (docker save, podman save, skopeo copy).
+    Load { file: PathBuf },
+    /// Make a one-layer image from a root filesystem (a directory or a tar).
+    Import {
+        source: PathBuf,
+        #[arg(long)]
+        tag: String,
+        /// The image ENTRYPOINT (repeat for each argument).
+        #[arg(long = "entrypoint", value_name = "ARG")]
+        entrypoint: Vec<String>,
+        /// The image CMD (repeat for each argument).
+        #[arg(long = "cmd", value_name = "ARG")]
+        cmd: Vec<String>,
+        /// KEY=VALUE environment of the image.
+        #[arg(long = "env", value_name = "KEY=VALUE")]
+        env: Vec<String>,
+    },
+    /// List images.
+    Ls,
+    /// Remove images by name or id.
+    Rm { images: Vec<String> },
+    /// Show an image's manifest, config and layers.
+    Inspect { image: String },
+    /// Delete blobs and unpacked layers no image uses.
+    Prune,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -114,6 +152,22 @@ pub struct RunArgs {
     /// Maximum number of processes in each step's cgroup.
     #[arg(long, default_value_t = 4096)]
     pub pids_limit: u64,
+    /// The image store (default: /var/lib/stagehand as root, $XDG_DATA_HOME/stagehand otherwise).
+    #[arg(long = "root", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// The OCI runtime for container steps: `runc` (default), `crun`, or a path.
+    #[arg(long, value_name = "NAME|PATH")]
+    pub runtime: Option<String>,
+}
+
+impl RunArgs {
+    fn image_root(&self) -> PathBuf {
+        self.root.clone().unwrap_or_else(default_image_root)
+    }
+}
+
+fn default_image_root() -> PathBuf {
+    stagehand_oci::store::Store::default_root().unwrap_or_else(state_dir)
 }
 
 fn parse_memory_arg(s: &str) -> Result<u64, String> {
@@ -138,6 +192,7 @@ pub fn main() -> i32 {
         Command::Plan(a) => plan_cmd(&a),
         Command::Run(a) => run_cmd(a),
         Command::Gc => gc_cmd(),
+        Command::Image { root, cmd } => image_cmd(root.unwrap_or_else(default_image_root), cmd),
         Command::Ps => ps_cmd(),
     };
     match result {
@@ -445,7 +500,13 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
                 run: Limits { memory_bytes: a.run_memory, cpu_millis: a.run_cpu, pids: Some(a.pids_limit) },
                 background: Limits { pids: Some(a.pids_limit), ..stagehand_supervisor::stage::BACKGROUND_DEFAULTS },
             };
+            let uses_images = plan.steps().iter().any(|s| s.spec.image.is_some());
             let exec = match HostExecutor::new(steps_dir, a.stop_timeout, sandbox, limits) {
+                Ok(e) if uses_images => {
+                    let volumes: Vec<String> = plan.volumes.iter().map(|v| v.mount_path.clone()).collect();
+                    let c = Containers::new(&a.image_root(), a.runtime.as_deref().map(std::ffi::OsStr::new), &run_dir, &run_id, &plan.identifier, &volumes);
+                    Arc::new(e.with_containers(c))
+                }
                 Ok(e) => Arc::new(e),
                 Err((e, sandbox)) => {
                     console.status(&format!("stagehand: cannot prepare stage {}: {e}", plan.identifier));
@@ -458,7 +519,7 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
                     break;
                 }
             };
-            let options = RunOptions { workspace: workspace.clone(), skip_unsupported: a.file.skip_unsupported };
+            let options = RunOptions { workspace: workspace.clone(), skip_unsupported: a.file.skip_unsupported, run_dir: Some(run_dir.clone()) };
             let sr = StageRun::new(plan, run.clone(), info, exec, console.clone(), options, cancel.clone());
             let report = sr.run().await;
             console.status(&summary(&report));
@@ -479,6 +540,79 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
     rt.shutdown_timeout(Duration::from_secs(1));
     eprintln!("logs: {}", logs.display());
     Ok(code)
+}
+
+fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
+    use stagehand_oci::{archive, store::Store};
+    let store = Store::open(&root).with_context(|| format!("open image store {}", root.display()))?;
+    match cmd {
+        ImageCmd::Load { file } => {
+            let started = std::time::Instant::now();
+            let loaded = archive::load(&store, &file).with_context(|| format!("load {}", file.display()))?;
+            for l in &loaded {
+                println!("loaded {} ({})", l.name.as_deref().unwrap_or("<no name>"), l.id.short());
+            }
+            eprintln!("{} image(s) in {}", loaded.len(), crate::units::format_duration(started.elapsed()));
+        }
+        ImageCmd::Import { source, tag, entrypoint, cmd, env } => {
+            let opts = archive::ImportOptions {
+                reference: tag.clone(),
+                entrypoint: (!entrypoint.is_empty()).then_some(entrypoint),
+                cmd: (!cmd.is_empty()).then_some(cmd),
+                env,
+                working_dir: None,
+                user: None,
+            };
+            let id = archive::import(&store, &source, &opts).with_context(|| format!("import {}", source.display()))?;
+            println!("imported {tag} ({})", id.short());
+        }
+        ImageCmd::Ls => {
+            let list = store.list()?;
+            println!("{:<60} {:<14}", "NAME", "ID");
+            for e in list {
+                println!("{:<60} {:<14}", e.name.as_deref().unwrap_or("<no name>"), e.id.short());
+            }
+        }
+        ImageCmd::Rm { images } => {
+            let mut missing = false;
+            for i in images {
+                let removed = store.remove(&i)?;
+                if removed.is_empty() {
+                    eprintln!("no image `{i}`");
+                    missing = true;
+                }
+                for r in removed {
+                    println!("removed {r}");
+                }
+            }
+            if missing {
+                return Ok(EXIT_FAILED);
+            }
+        }
+        ImageCmd::Inspect { image } => {
+            let Some(id) = store.resolve(&image)? else {
+                eprintln!("no image `{image}` in {}", root.display());
+                return Ok(EXIT_FAILED);
+            };
+            let config = store.config(&id)?;
+            let layers: Vec<serde_json::Value> = store
+                .layers(&id)?
+                .iter()
+                .map(|l| serde_json::json!({"digest": l.digest.to_string(), "diff_id": l.diff_id.to_string(), "size": l.size}))
+                .collect();
+            let out = serde_json::json!({
+                "id": id.to_string(),
+                "config": serde_json::to_value(&config)?,
+                "layers": layers,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        ImageCmd::Prune => {
+            let r = store.prune()?;
+            println!("removed {} blobs ({}) and {} unpacked layers", r.blobs_removed, crate::units::format_memory(r.bytes_freed), r.layers_removed);
+        }
+    }
+    Ok(EXIT_OK)
 }
 
 fn gc_cmd() -> Result<i32> {

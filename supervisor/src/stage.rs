@@ -194,6 +194,9 @@ pub struct RunState {
     pub pids: Vec<ProcessRecord>,
     /// Set when teardown or gc finished: nothing is left to undo.
     pub finished: bool,
+    /// Mounts made for the run (container root filesystems), inside the run directory.
+    #[serde(default)]
+    pub mounts: Vec<PathBuf>,
 }
 
 impl RunState {
@@ -542,6 +545,27 @@ impl Stage {
 
     /// Records a running service for `stagehand ps` (best effort: a journal write failure
     /// only loses the listing, teardown does not depend on it).
+    /// The step's cgroup path relative to stagehand's own cgroup (`stagehand/<run>/<step>`),
+    /// for an OCI runtime's `cgroupsPath`; `None` when the stage has no cgroups.
+    pub fn cgroup_rel(&self, step_id: &str) -> Option<PathBuf> {
+        self.stage_cgroup.as_ref().map(|rel| rel.join(step_id))
+    }
+
+    /// Record a mount (a container's root filesystem) before it is made, so `gc` can undo it.
+    pub fn record_mount(&self, path: &Path) -> Result<(), StageError> {
+        let p = path.to_path_buf();
+        self.record(|s| {
+            if !s.mounts.contains(&p) {
+                s.mounts.push(p)
+            }
+        })
+    }
+
+    /// The mount is gone (unmounted by its owner).
+    pub fn forget_mount(&self, path: &Path) {
+        let _ = self.record(|s| s.mounts.retain(|m| m != path));
+    }
+
     pub fn record_service(&self, id: &str, pid: i32) {
         if let Err(e) = self.record(|s| {
             s.services.insert(id.to_string(), pid);
@@ -605,6 +629,13 @@ impl Stage {
             }
         }
         let recorded = self.state();
+        let mut mounts_left = Vec::new();
+        for m in recorded.mounts.iter().rev() {
+            if let Err(e) = detach(m) {
+                errors.push(e);
+                mounts_left.push(m.clone());
+            }
+        }
         let mut cgroups_left = Vec::new();
         if !recorded.cgroups.is_empty() {
             let h = match &self.hierarchy {
@@ -619,6 +650,7 @@ impl Stage {
                             cgroups_left.push(rel.clone());
                         }
                         errors.extend(errs.into_iter().map(|e| e.to_string()));
+                        sweep_empty(h.root(), rel);
                     }
                     remove_unused_parent(&h);
                 }
@@ -643,7 +675,8 @@ impl Stage {
             }
         }
         let mut st = lock(&self.state);
-        st.finished = cgroups_left.is_empty() && netns_left.is_empty();
+        st.finished = cgroups_left.is_empty() && netns_left.is_empty() && mounts_left.is_empty();
+        st.mounts = mounts_left;
         st.cgroups = cgroups_left;
         st.netns = netns_left;
         st.ports.clear();
@@ -657,6 +690,54 @@ impl Stage {
         let mut seen = std::collections::HashSet::new();
         errors.retain(|e| seen.insert(e.clone()));
         errors
+    }
+}
+
+/// An OCI runtime creates the container's cgroup in every hierarchy, including ones stagehand
+/// does not use (blkio, devices, cpuset, the hybrid `unified` tree), and leaves the parent
+/// directories it made. Remove `stagehand/<run>` (empty directories only, deepest first) in
+/// every hierarchy under `root`, relative to the hierarchy root and to our own cgroup there.
+fn sweep_empty(root: &Path, rel: &Path) {
+    let own: Vec<PathBuf> = std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.splitn(3, ':').nth(2))
+        .map(|p| PathBuf::from(p.trim_start_matches('/')))
+        .collect();
+    let Ok(entries) = std::fs::read_dir(root) else { return };
+    for e in entries.flatten() {
+        let hier = e.path();
+        let mut bases = vec![hier.clone()];
+        bases.extend(own.iter().map(|o| hier.join(o)));
+        for base in bases {
+            let dir = base.join(rel);
+            if dir.is_dir() {
+                remove_empty_tree(&dir);
+                let _ = std::fs::remove_dir(base.join(CGROUP_PARENT));
+            }
+        }
+    }
+}
+
+fn remove_empty_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_empty_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// Lazily unmount `path` (and anything stacked on it); fine if it is not mounted any more.
+fn detach(path: &Path) -> Result<(), String> {
+    loop {
+        match nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) => continue,
+            Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => return Ok(()),
+            Err(e) => return Err(format!("cannot unmount {}: {}", path.display(), e.desc())),
+        }
     }
 }
 
@@ -759,6 +840,7 @@ fn undo(dir: &Path, state: &mut RunState) -> GcReport {
                         continue;
                     }
                     let errs = cgroup::remove_tree(&h, &rel);
+                    sweep_empty(h.root(), &rel);
                     if errs.is_empty() {
                         r.removed.push(format!("cgroup {}", rel.display()));
                     } else {
@@ -772,8 +854,24 @@ fn undo(dir: &Path, state: &mut RunState) -> GcReport {
             Err(err) => r.errors.push(err.to_string()),
         }
     }
-    // Namespace files live in the run directory; anything else in the journal is not ours.
+    // Namespace files and container mounts live in the run directory; anything else in the
+    // journal is not ours.
     let own_dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_owned());
+    let mut mounts_left = Vec::new();
+    for m in std::mem::take(&mut state.mounts) {
+        if !m.starts_with(&own_dir) {
+            r.errors.push(format!("ignoring mount {} in the run state: not in {}", m.display(), own_dir.display()));
+            continue;
+        }
+        match detach(&m) {
+            Ok(()) => r.removed.push(format!("mount {}", m.display())),
+            Err(e) => {
+                r.errors.push(e);
+                mounts_left.push(m);
+            }
+        }
+    }
+    state.mounts = mounts_left;
     let mut left = Vec::new();
     for ns in std::mem::take(&mut state.netns) {
         if !ns.starts_with(&own_dir) {
@@ -795,7 +893,7 @@ fn undo(dir: &Path, state: &mut RunState) -> GcReport {
     state.netns = left;
     state.ports.clear();
     state.services.clear();
-    state.finished = state.cgroups.is_empty() && state.netns.is_empty() && state.pids.is_empty();
+    state.finished = state.cgroups.is_empty() && state.netns.is_empty() && state.pids.is_empty() && state.mounts.is_empty();
     if let Err(err) = state.save(dir) {
         r.errors.push(err.to_string());
     }

@@ -31,6 +31,7 @@ const RUN_STOP_GRACE: Duration = Duration::from_secs(5);
 struct Service {
     id: String,
     sandbox: Option<StepSandbox>,
+    container: Option<super::container::Container>,
     child: Arc<Child>,
     /// Set once teardown begins, so the exit watcher stays quiet about expected exits.
     stopping: Arc<std::sync::atomic::AtomicBool>,
@@ -50,6 +51,10 @@ pub struct HostExecutor {
     /// The stage pod (cgroups, netns, hosts file); `None` runs steps bare on the host.
     stage: std::sync::Mutex<Option<Arc<Stage>>>,
     limits: DefaultLimits,
+    /// Image store and OCI runtime, when this host can run containers.
+    containers: Option<super::container::Containers>,
+    /// Why `containers` is `None`, for the error a container step gets.
+    containers_unavailable: String,
     stop_timeout: Duration,
     /// stagehand's own environment, minus its secrets: the base of every host step's env.
     base_env: Vec<(String, String)>,
@@ -69,10 +74,29 @@ impl HostExecutor {
             dir,
             stage: std::sync::Mutex::new(stage.map(Arc::new)),
             limits,
+            containers: None,
+            containers_unavailable: "no image store was configured".into(),
             stop_timeout,
             base_env,
             services: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Run steps with an `image` through these containers (or say why not).
+    pub fn with_containers(mut self, c: Result<super::container::Containers, String>) -> Self {
+        match c {
+            Ok(c) => self.containers = Some(c),
+            Err(why) => self.containers_unavailable = why,
+        }
+        self
+    }
+
+    pub(crate) fn steps_dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(crate) fn limits_of(&self, step: &ResolvedStep) -> Limits {
+        self.limits_for(step)
     }
 
     fn stage(&self) -> Option<Arc<Stage>> {
@@ -85,47 +109,61 @@ impl HostExecutor {
         Limits { memory_bytes: step.memory.or(d.memory_bytes), cpu_millis: step.cpu.or(d.cpu_millis), pids: d.pids }
     }
 
+    /// The shell argv running the step's `command` as a script, written to the steps
+    /// directory, with output-variable capture appended; `None` when `entrypoint` replaces the
+    /// command (Harness: entrypoint wins). `inside` is the steps directory's path as the
+    /// process sees it (a container mounts it elsewhere). Returns the outputs file's host path.
+    pub(crate) fn script_argv(&self, step: &ResolvedStep, inside: Option<&Path>, owner: Option<(u32, u32)>) -> Result<(Option<Vec<String>>, Option<PathBuf>), String> {
+        if !step.entrypoint.is_empty() {
+            return Ok((None, None));
+        }
+        let Some(command) = &step.command else {
+            return Err(format!("step {} has neither `command` nor `entrypoint`", step.id));
+        };
+        let seen = |host: &Path| -> PathBuf {
+            match inside {
+                Some(dir) => dir.join(host.file_name().unwrap_or_default()),
+                None => host.to_path_buf(),
+            }
+        };
+        let shell = step.shell.unwrap_or(Shell::Sh);
+        let mut script = command.clone();
+        if !script.ends_with('\n') {
+            script.push('\n');
+        }
+        let mut outputs_file = None;
+        if !step.output_variables.is_empty() {
+            let path = self.dir.join(format!("{}.outputs", step.id));
+            std::fs::write(&path, b"").map_err(|e| format!("create {}: {e}", path.display()))?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", path.display()))?;
+            }
+            script.push_str(&capture_code(shell, &step.output_variables, &seen(&path)));
+            outputs_file = Some(path);
+        }
+        let path = self.dir.join(format!("{}.{}", step.id, extension(shell)));
+        std::fs::write(&path, script).map_err(|e| format!("write {}: {e}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        let p = seen(&path).display().to_string();
+        let argv = match shell {
+            Shell::Sh => vec!["sh".into(), "-e".into(), p],
+            Shell::Bash => vec!["bash".into(), "-e".into(), "-o".into(), "pipefail".into(), p],
+            Shell::Python => vec!["python3".into(), p],
+            Shell::Pwsh | Shell::PowerShell => {
+                vec!["pwsh".into(), "-NoLogo".into(), "-NoProfile".into(), "-NonInteractive".into(), "-File".into(), p]
+            }
+        };
+        Ok((Some(argv), outputs_file))
+    }
+
     /// Write the step's script and build its process spec.
     fn prepare(&self, step: &ResolvedStep) -> Result<(SpawnSpec, Option<PathBuf>), String> {
         let user = match &step.run_as_user {
             Some(u) if !u.trim().is_empty() => Some(lookup_user(u.trim())?),
             _ => None,
         };
-        let mut outputs_file = None;
-        let argv: Vec<String> = if !step.entrypoint.is_empty() {
-            // Harness: `entrypoint` replaces the command entirely.
-            step.entrypoint.clone()
-        } else {
-            let Some(command) = &step.command else {
-                return Err(format!("step {} has neither `command` nor `entrypoint`", step.id));
-            };
-            let shell = step.shell.unwrap_or(Shell::Sh);
-            let mut script = command.clone();
-            if !script.ends_with('\n') {
-                script.push('\n');
-            }
-            if !step.output_variables.is_empty() {
-                let path = self.dir.join(format!("{}.outputs", step.id));
-                std::fs::write(&path, b"").map_err(|e| format!("create {}: {e}", path.display()))?;
-                if let Some(u) = &user {
-                    chown(&path, u)?;
-                }
-                script.push_str(&capture_code(shell, &step.output_variables, &path));
-                outputs_file = Some(path);
-            }
-            let path = self.dir.join(format!("{}.{}", step.id, extension(shell)));
-            std::fs::write(&path, script).map_err(|e| format!("write {}: {e}", path.display()))?;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
-            let p = path.display().to_string();
-            match shell {
-                Shell::Sh => vec!["sh".into(), "-e".into(), p],
-                Shell::Bash => vec!["bash".into(), "-e".into(), "-o".into(), "pipefail".into(), p],
-                Shell::Python => vec!["python3".into(), p],
-                Shell::Pwsh | Shell::PowerShell => {
-                    vec!["pwsh".into(), "-NoLogo".into(), "-NoProfile".into(), "-NonInteractive".into(), "-File".into(), p]
-                }
-            }
-        };
+        let (argv, outputs_file) = self.script_argv(step, None, user.as_ref().map(|u| (u.uid, u.gid)))?;
+        let argv = argv.unwrap_or_else(|| step.entrypoint.clone());
         let mut env: Vec<(String, String)> = self.base_env.clone();
         let ws = step.workspace.display().to_string();
         let mut set = |k: &str, v: &str| {
@@ -156,12 +194,8 @@ impl HostExecutor {
     }
 
     fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<Spawned, String> {
-        if let Some(image) = &step.image {
-            // Running a command written for a container on the host could do anything; refuse.
-            return Err(format!(
-                "step {} runs in image `{image}`, and this build of stagehand has no container backend yet; leave `image` empty to run the step on the host",
-                step.id
-            ));
+        if step.image.is_some() {
+            return self.spawn_container(step, out);
         }
         let (mut spec, outputs) = self.prepare(step)?;
         let sandbox = match self.stage() {
@@ -191,7 +225,49 @@ impl HostExecutor {
                 let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
             }
         });
-        Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox })
+        Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox, container: None })
+    }
+
+    /// A step with an `image`: an OCI container run by the runtime in the foreground, as our
+    /// child, in the step's cgroup and the stage's network namespace.
+    fn spawn_container(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<Spawned, String> {
+        let Some(containers) = &self.containers else {
+            return Err(format!("step {} runs in an image, but containers are not available here: {}", step.id, self.containers_unavailable));
+        };
+        let stage = self.stage();
+        let sandbox = match &stage {
+            Some(st) => Some(st.step(&step.id, &self.limits_for(step)).map_err(|e| format!("prepare {}: {e}", step.id))?),
+            None => None,
+        };
+        let limits = self.limits_for(step);
+        let prepared = containers.prepare(self, step, stage.as_deref(), &limits);
+        let (spec, outputs, container) = match prepared {
+            Ok(p) => p,
+            Err(e) => {
+                if let (Some(st), Some(sb)) = (&stage, &sandbox) {
+                    st.finish_step(sb);
+                }
+                return Err(e);
+            }
+        };
+        let mut child = match process::spawn(spec) {
+            Ok(c) => c,
+            Err(e) => {
+                containers.cleanup(&container, stage.as_deref());
+                if let (Some(st), Some(sb)) = (&stage, &sandbox) {
+                    st.finish_step(sb);
+                }
+                return Err(e.to_string());
+            }
+        };
+        let stdout = child.take_stdout();
+        let id = step.id.clone();
+        let reader = tokio::spawn(async move {
+            if let Some(fd) = stdout {
+                let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
+            }
+        });
+        Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox, container: Some(container) })
     }
 
     /// "X was killed: out of memory (limit 500Mi)" when the cgroup saw an OOM kill.
@@ -389,12 +465,13 @@ struct Spawned {
     reader: tokio::task::JoinHandle<()>,
     outputs: Option<PathBuf>,
     sandbox: Option<StepSandbox>,
+    container: Option<super::container::Container>,
 }
 
 impl Executor for HostExecutor {
     fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
         async move {
-            let Spawned { child, reader, outputs: outputs_file, sandbox } = match self.spawn(step, out.clone()) {
+            let Spawned { child, reader, outputs: outputs_file, sandbox, container } = match self.spawn(step, out.clone()) {
                 Ok(x) => x,
                 Err(e) => return Outcome::Error(e),
             };
@@ -421,6 +498,11 @@ impl Executor for HostExecutor {
             // Kill by cgroup membership: a `setsid` child escaped the process group.
             for e in self.finish(sandbox.as_ref()) {
                 out.line(&step.id, &format!("[stagehand] cleanup: {e}"));
+            }
+            if let (Some(c), Some(containers)) = (&container, &self.containers) {
+                for e in containers.cleanup(c, self.stage().as_deref()) {
+                    out.line(&step.id, &format!("[stagehand] cleanup: {e}"));
+                }
             }
             finish_reader(reader).await;
             if let (Some(msg), End::Exited) = (&oom, &end) {
@@ -456,7 +538,7 @@ impl Executor for HostExecutor {
                 Some(ResolvedProbe::Log(re)) => Arc::new(LogProbe { inner: out.clone(), re: re.clone(), tx: tx.clone(), started }),
                 _ => out.clone(),
             };
-            let Spawned { child, reader, sandbox, .. } = self.spawn(step, sink)?;
+            let Spawned { child, reader, sandbox, container, .. } = self.spawn(step, sink)?;
             if let Some(stage) = self.stage() {
                 stage.record_service(&step.id, child.pid());
             }
@@ -513,7 +595,7 @@ impl Executor for HostExecutor {
                     });
                 }
             }
-            self.services.lock().await.push(Service { id: step.id.clone(), sandbox, child, stopping, output_done: reader });
+            self.services.lock().await.push(Service { id: step.id.clone(), sandbox, child, stopping, output_done: reader, container });
             Ok(rx)
         }
         .boxed()
@@ -550,6 +632,11 @@ impl Executor for HostExecutor {
                     None => (true, format!("stopped: {status}")),
                 };
                 let _ = &s.sandbox;
+                if let (Some(c), Some(containers)) = (&s.container, &self.containers) {
+                    for e in containers.cleanup(c, self.stage().as_deref()) {
+                        tracing::warn!(service = %s.id, error = %e, "container cleanup");
+                    }
+                }
                 (ServiceEnd { id: s.id, description, clean }, s.output_done)
             }))
             .await
@@ -687,9 +774,6 @@ fn lookup_user_in(spec: &str, passwd: &Path, group: &Path) -> Result<HostUser, S
     Ok(HostUser { name, uid, gid, groups, home })
 }
 
-fn chown(path: &Path, u: &HostUser) -> Result<(), String> {
-    std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid)).map_err(|e| format!("chown {}: {e}", path.display()))
-}
 
 #[cfg(test)]
 mod tests {

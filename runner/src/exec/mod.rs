@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::model::{PullPolicy, Shell};
 
+pub mod container;
 pub mod host;
 
 /// A step ready to run: nothing left to evaluate.

@@ -1,0 +1,232 @@
+//! Container steps: a step with an `image` becomes an OCI container, with no daemon.
+//!
+//! Owns: the Harness rules for what a container runs (`entrypoint` replaces the image
+//! ENTRYPOINT and ignores `command`; a `command` runs as a script with the step's shell; with
+//! neither, the image's ENTRYPOINT + CMD), its environment (image env, then stage variables,
+//! then `envVariables`), mounts (workspace at `/harness`, the stage hosts file, resolv.conf,
+//! EmptyDir volumes), and handing the prepared bundle to the host executor, which runs the
+//! runtime in the foreground as its child. Does not own: images and specs (`stagehand_oci`),
+//! processes and the stage sandbox (`stagehand_supervisor`).
+
+use std::ffi::OsString;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use stagehand_oci::rootfs::Rootfs;
+use stagehand_oci::runtime::{Control, OciRuntime, RuncCli};
+use stagehand_oci::spec::{self, BindMount, ContainerSpec, Host, Network, Resources};
+use stagehand_oci::store::Store;
+use stagehand_oci::unpack;
+use stagehand_supervisor::cgroup::Limits;
+use stagehand_supervisor::process::{self, OutputTarget, SpawnSpec};
+use stagehand_supervisor::stage::Stage;
+
+use super::ResolvedStep;
+use super::host::HostExecutor;
+use crate::model::PullPolicy;
+
+/// Where containers get their init (PID 1 that forwards signals and reaps): catatonit.
+const INIT_CANDIDATES: &[&str] = &["/usr/bin/catatonit", "/usr/libexec/podman/catatonit"];
+
+/// Everything a stage needs to run container steps.
+pub struct Containers {
+    store: Store,
+    runtime: RuncCli,
+    host: Host,
+    init: Option<PathBuf>,
+    /// `<run dir>/containers/<stage>`: one bundle directory per step.
+    dir: PathBuf,
+    id_prefix: String,
+    /// EmptyDir volumes of the stage: (host directory, mount path).
+    volumes: Vec<(PathBuf, String)>,
+}
+
+/// A prepared container: its bundle and root filesystem, until cleanup.
+pub struct Container {
+    pub id: String,
+    pub dir: PathBuf,
+    rootfs: std::sync::Mutex<Option<Rootfs>>,
+}
+
+impl Containers {
+    /// Open the image store and find the runtime. Err says why containers cannot run here.
+    pub fn new(store_root: &Path, runtime: Option<&std::ffi::OsStr>, run_dir: &Path, run_id: &str, stage_id: &str, volumes: &[String]) -> Result<Containers, String> {
+        let store = Store::open(store_root).map_err(|e| format!("image store {}: {e}", store_root.display()))?;
+        let runtime = RuncCli::locate(runtime, run_dir.join("runtime")).map_err(|e| e.to_string())?;
+        let host = Host::probe().map_err(|e| e.to_string())?;
+        let init = INIT_CANDIDATES.iter().map(PathBuf::from).find(|p| p.is_file());
+        if init.is_none() {
+            tracing::warn!("catatonit not found: containers run without an init, so PID 1 may ignore SIGTERM (apt-get install catatonit)");
+        }
+        let dir = run_dir.join("containers").join(stage_id);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let mut vols = Vec::new();
+        for (i, mount) in volumes.iter().enumerate() {
+            let host_dir = run_dir.join("volumes").join(stage_id).join(i.to_string());
+            std::fs::create_dir_all(&host_dir).map_err(|e| format!("create volume {}: {e}", host_dir.display()))?;
+            // An EmptyDir is writable by whatever user the containers run as (Kubernetes: 0777).
+            let _ = std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o777));
+            vols.push((host_dir, mount.clone()));
+        }
+        Ok(Containers { store, runtime, host, init, dir, id_prefix: format!("stagehand-{run_id}"), volumes: vols })
+    }
+
+    /// Bundle, root filesystem and the runtime's argv for one step.
+    pub(crate) fn prepare(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits) -> Result<(SpawnSpec, Option<PathBuf>, Container), String> {
+        let image = step.image.as_deref().unwrap_or_default();
+        let id = format!("{}-{}", self.id_prefix, step.id);
+        let image_id = self
+            .store
+            .resolve(image)
+            .map_err(|e| format!("image `{image}`: {e}"))?
+            .ok_or_else(|| missing_image(image, step.pull_policy, self.store.root()))?;
+        let dir = self.dir.join(&step.id);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+        let layers = {
+            let guard = self.store.write_guard().map_err(|e| e.to_string())?;
+            unpack::ensure_image_layers(&self.store, &guard, &image_id).map_err(|e| format!("unpack `{image}`: {e}"))?
+        };
+        let rootfs_path = stagehand_oci::rootfs::rootfs_path(&dir);
+        if let Some(st) = stage {
+            st.record_mount(&rootfs_path).map_err(|e| e.to_string())?;
+        }
+        let rootfs = Rootfs::create(&dir, &layers).map_err(|e| format!("root filesystem for `{image}`: {e}"))?;
+        let container = Container { id: id.clone(), dir: dir.clone(), rootfs: std::sync::Mutex::new(Some(rootfs)) };
+        match self.bundle(exec, step, stage, limits, &image_id, &container) {
+            Ok((argv, outputs)) => {
+                let env = vec![("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()))];
+                let mut spec = SpawnSpec::new(argv, env, &dir);
+                spec.process_group = true;
+                spec.parent_death_signal = Some(libc::SIGKILL);
+                spec.output = OutputTarget::Merged;
+                Ok((spec, outputs, container))
+            }
+            Err(e) => {
+                self.cleanup(&container, stage);
+                Err(e)
+            }
+        }
+    }
+
+    fn bundle(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits, image_id: &stagehand_oci::store::ImageId, c: &Container) -> Result<(Vec<OsString>, Option<PathBuf>), String> {
+        let image = step.image.as_deref().unwrap_or_default();
+        let config = self.store.config(image_id).map_err(|e| format!("image `{image}`: {e}"))?;
+        let rootfs = stagehand_oci::rootfs::rootfs_path(&c.dir);
+        let user_spec = step.run_as_user.clone().filter(|u| !u.trim().is_empty());
+        let defaults = spec::image_process(&config, None, None);
+        let user_name = user_spec.clone().or(defaults.user.clone());
+        let user = match &user_name {
+            Some(u) => spec::resolve_user(&rootfs, u).map_err(|e| format!("runAsUser `{u}` in `{image}`: {e}"))?,
+            None => Default::default(),
+        };
+        let (script, outputs) = exec.script_argv(step, Some(Path::new("/stagehand")), Some((user.uid, user.gid)))?;
+        let args = if !step.entrypoint.is_empty() {
+            step.entrypoint.clone()
+        } else if let Some(script) = script {
+            script
+        } else {
+            defaults.args.clone()
+        };
+        if args.is_empty() {
+            return Err(format!("image `{image}` has no ENTRYPOINT or CMD, and step {} gives neither `command` nor `entrypoint`", step.id));
+        }
+        let mut overrides: Vec<String> = step.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        overrides.push("HARNESS_WORKSPACE=/harness".into());
+        overrides.push("STAGEHAND_WORKSPACE=/harness".into());
+        overrides.push(format!("STAGEHAND_STEP_ID={}", step.id));
+        if let Some(home) = &user.home {
+            overrides.push(format!("HOME={home}"));
+        }
+        let mut env = spec::merge_env(&defaults.env, &overrides);
+        if !env.iter().any(|e| e.starts_with("PATH=")) {
+            env.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+        }
+        let mut cs = ContainerSpec::new(args);
+        cs.env = env;
+        cs.cwd = "/harness".into();
+        cs.user = user;
+        cs.hostname = step.id.clone();
+        cs.network = match stage.and_then(|s| s.netns_path()) {
+            Some(ns) => Network::Join(ns.to_path_buf()),
+            None => Network::Host,
+        };
+        cs.mounts.push(BindMount::rw(&step.workspace, "/harness"));
+        cs.mounts.push(BindMount::rw(exec.steps_dir(), "/stagehand"));
+        if let Some(st) = stage {
+            cs.mounts.push(BindMount::ro(st.hosts_path(), "/etc/hosts"));
+        }
+        let resolv = stage.and_then(|s| s.resolv_path().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("/etc/resolv.conf"));
+        if resolv.exists() {
+            cs.mounts.push(BindMount::ro(resolv, "/etc/resolv.conf"));
+        }
+        for (host_dir, mount) in &self.volumes {
+            cs.mounts.push(BindMount::rw(host_dir, mount.clone()));
+        }
+        cs.cgroups_path = stage.and_then(|s| s.cgroup_rel(&step.id)).map(|p| p.display().to_string());
+        let _ = limits;
+        let l = exec.limits_of(step);
+        cs.resources = Resources {
+            memory: l.memory_bytes.map(|b| b as i64),
+            memory_swap: l.memory_bytes.map(|b| b as i64),
+            cpu_quota: l.cpu_millis.map(|m| (m * 100) as i64),
+            cpu_period: l.cpu_millis.map(|_| 100_000),
+            pids: l.pids.map(|p| p as i64),
+        };
+        cs.privileged = step.privileged;
+        cs.init = self.init.clone();
+        let built = spec::build(&cs, &self.host).map_err(|e| format!("container spec for {}: {e}", step.id))?;
+        spec::write_bundle(&c.dir, &built).map_err(|e| format!("bundle for {}: {e}", step.id))?;
+        Ok((self.runtime.run_argv(&c.dir, &c.id), outputs))
+    }
+
+    /// Delete the runtime's record, unmount and remove the root filesystem and bundle.
+    /// Every error is returned; none stops the rest.
+    pub(crate) fn cleanup(&self, c: &Container, stage: Option<&Stage>) -> Vec<String> {
+        let mut errors = Vec::new();
+        let exec = |argv: Vec<OsString>| -> std::io::Result<std::process::Output> {
+            let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k == "PATH").collect();
+            let out = process::run_output(argv, env, "/").map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok(std::process::Output { status: std::os::unix::process::ExitStatusExt::from_raw(out.status.exit_code() << 8), stdout: out.stdout, stderr: out.stderr })
+        };
+        if let Err(e) = Control::new(&self.runtime, &exec).delete(&c.id, true) {
+            errors.push(e.to_string());
+        }
+        let rootfs = c.rootfs.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(r) = rootfs {
+            match r.remove() {
+                Ok(()) => {
+                    if let Some(st) = stage {
+                        st.forget_mount(&stagehand_oci::rootfs::rootfs_path(&c.dir));
+                    }
+                }
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&c.dir);
+        errors
+    }
+}
+
+fn missing_image(image: &str, policy: Option<PullPolicy>, root: &Path) -> String {
+    let how = format!(
+        "load it with `stagehand image load FILE` (a docker save / podman save / skopeo archive) or `stagehand image import ROOTFS --tag {image}`"
+    );
+    match policy {
+        Some(PullPolicy::Never) => format!("image `{image}` is not in the image store ({}) and imagePullPolicy is Never: {how}", root.display()),
+        _ => format!("image `{image}` is not in the image store ({}); pulling from a registry is not available in this build: {how}", root.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_image_names_the_image_and_the_fix() {
+        let m = missing_image("postgres:15", Some(PullPolicy::Never), Path::new("/var/lib/stagehand"));
+        assert!(m.contains("image `postgres:15`") && m.contains("imagePullPolicy is Never") && m.contains("stagehand image load"), "{m}");
+        let m = missing_image("busybox", None, Path::new("/s"));
+        assert!(m.contains("stagehand image import ROOTFS --tag busybox"), "{m}");
+    }
+}
