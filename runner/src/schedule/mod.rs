@@ -3,9 +3,12 @@
 //! Owns: stage status, `when` gates and conditions, failure strategies (Ignore, MarkAsSuccess,
 //! MarkAsFailure, Abort, Retry), timeouts (handed to the executor as a deadline), rendering each
 //! step's expressions just before it runs, output variables, and the per-step results behind the
-//! summary. Does not own: processes (the [`Executor`]), or printing formats (`output`).
+//! summary; reading each step's JUnit reports once the step has finished (a Background step's
+//! once teardown stopped it) and writing the stage's merged `junit.xml`. Does not own: processes
+//! (the [`Executor`]), printing formats (`output`), or parsing JUnit XML (`reports`).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,13 +16,19 @@ use futures::future::{BoxFuture, FutureExt, join_all};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use crate::context::{Ctx, RunInfo, StageInfo, render};
-use crate::exec::{Executor, LineSink, Outcome, ResolvedHealth, ResolvedProbe, ResolvedStep, ServiceState};
-use tokio::sync::{mpsc, watch};
+use crate::context::{Ctx, RunInfo, Secrets, StageInfo, render};
+use crate::exec::{
+    Executor, LineSink, Outcome, ResolvedHealth, ResolvedProbe, ResolvedStep, ServiceState,
+};
 use crate::expr;
 use crate::model::*;
 use crate::output::Console;
 use crate::plan::{PlanNode, PlannedStep, StagePlan};
+use crate::reports::{CaseOutcome, StepReports};
+use tokio::sync::{mpsc, watch};
+
+/// Slowest test cases named in the stage summary.
+const SLOWEST_CASES: usize = 5;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StageStatus {
@@ -75,13 +84,23 @@ pub struct StageReport {
     pub status: StageStatus,
     pub results: Vec<StepResult>,
     pub duration: Duration,
+    /// The JUnit reports of every step that declared `reports.spec.paths`, in plan order, with
+    /// secrets already masked. A step that ran but whose files were missing or invalid is here
+    /// too, with warnings. They do not change `status`: as in Harness, a step fails on its exit
+    /// code, not on the failures its reports list.
+    pub reports: Vec<StepReports>,
+    /// The stage's merged report, `<run_dir>/junit-<stage>.xml`, when one was written.
+    pub junit: Option<PathBuf>,
 }
 
 /// Options that shape every step of a run.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
-    pub workspace: std::path::PathBuf,
+    pub workspace: PathBuf,
     pub skip_unsupported: bool,
+    /// Where the stage's merged JUnit report goes (`junit-<stage>.xml`, and `junit.xml` as a
+    /// copy of the latest stage's). `None`: reports are summarised but not written.
+    pub run_dir: Option<PathBuf>,
 }
 
 pub struct StageRun {
@@ -97,13 +116,19 @@ pub struct StageRun {
     /// Services started so far: (step id, identifier, state), in start order.
     services: Mutex<Vec<ServiceEntry>>,
     /// Service state changes, forwarded to the stage's own loop in `run`.
-    events: (mpsc::UnboundedSender<(String, ServiceState)>, tokio::sync::Mutex<mpsc::UnboundedReceiver<(String, ServiceState)>>),
+    events: (
+        mpsc::UnboundedSender<ServiceEvent>,
+        tokio::sync::Mutex<mpsc::UnboundedReceiver<ServiceEvent>>,
+    ),
     /// Cancels the Run steps in flight when a service fails (a child of `cancel`); replaced
     /// after each use so steps gated on failure can still run.
     in_flight: Mutex<CancellationToken>,
     /// Services whose failure was already reported (events and waiters may both see it).
     failed_services: Mutex<std::collections::HashSet<String>>,
 }
+
+/// A service's step id and its new state.
+type ServiceEvent = (String, ServiceState);
 
 struct ServiceEntry {
     id: String,
@@ -114,6 +139,18 @@ struct ServiceEntry {
 struct State {
     status: StageStatus,
     results: Vec<StepResult>,
+    /// Reports read so far (Run steps, as each finishes).
+    reports: Vec<StepReports>,
+    /// Background steps with report paths, read after teardown has stopped them: a service
+    /// often writes its report only when it exits.
+    background_reports: Vec<PendingReports>,
+}
+
+/// A step's report patterns, waiting to be read.
+struct PendingReports {
+    step: String,
+    workspace: PathBuf,
+    patterns: Vec<String>,
 }
 
 enum FailKind {
@@ -141,7 +178,12 @@ impl StageRun {
             console,
             options,
             cancel,
-            state: Mutex::new(State { status: StageStatus::Success, results: vec![] }),
+            state: Mutex::new(State {
+                status: StageStatus::Success,
+                results: vec![],
+                reports: vec![],
+                background_reports: vec![],
+            }),
             services: Mutex::new(Vec::new()),
             events: (tx, tokio::sync::Mutex::new(rx)),
             in_flight,
@@ -166,7 +208,11 @@ impl StageRun {
     }
 
     fn record(&self, r: StepResult) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).results.push(r);
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .results
+            .push(r);
     }
 
     /// Run the stage's steps, then tear down every service, whatever happened.
@@ -198,14 +244,20 @@ impl StageRun {
         let (ends, errors) = self.exec.teardown().await;
         for e in ends {
             if e.clean {
-                self.console.status(&format!("    service {} {}", e.id, e.description));
+                self.console
+                    .status(&format!("    service {} {}", e.id, e.description));
                 continue;
             }
             // A service that died during the stage fails it, and its row says why.
-            self.console.status(&format!("    service {} FAILED: {}", e.id, e.description));
+            self.console
+                .status(&format!("    service {} FAILED: {}", e.id, e.description));
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             // Keep the reason seen while the stage ran, if there was one.
-            if let Some(r) = st.results.iter_mut().find(|r| r.id == e.id && r.verdict != Verdict::Failed) {
+            if let Some(r) = st
+                .results
+                .iter_mut()
+                .find(|r| r.id == e.id && r.verdict != Verdict::Failed)
+            {
                 r.verdict = Verdict::Failed;
                 r.message = Some(e.description.clone());
             }
@@ -219,8 +271,96 @@ impl StageRun {
         if !errors.is_empty() {
             self.fail();
         }
+        let pending = std::mem::take(
+            &mut self
+                .state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .background_reports,
+        );
+        for p in pending {
+            let r = read_reports(p.step, p.workspace, p.patterns).await;
+            self.state
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .reports
+                .push(r);
+        }
+        let mut reports =
+            std::mem::take(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()).reports);
+        // Parallel steps finish in any order; the plan's order keeps the summary stable.
+        reports.sort_by_key(|r| {
+            ids.iter()
+                .position(|id| *id == r.step)
+                .unwrap_or(usize::MAX)
+        });
+        // Masked at the end, with every mask known by now (secret output variables included).
+        for r in &mut reports {
+            mask_reports(r, &self.run.secrets);
+        }
+        // Reports never change the stage status: the steps' exit codes already did.
+        let junit = self.write_junit(&reports);
         let s = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        StageReport { identifier: self.plan.identifier.clone(), status: s.status, results: s.results.clone(), duration: started.elapsed() }
+        StageReport {
+            identifier: self.plan.identifier.clone(),
+            status: s.status,
+            results: s.results.clone(),
+            duration: started.elapsed(),
+            reports,
+            junit,
+        }
+    }
+
+    /// Writes `<run_dir>/junit-<stage>.xml` and `<run_dir>/junit.xml` when any report file was
+    /// read. With several stages each has its own file, and `junit.xml` is the latest stage's
+    /// (a stage without reports leaves it alone). Failing to write is a warning, not a failure.
+    fn write_junit(&self, reports: &[StepReports]) -> Option<PathBuf> {
+        let dir = self.options.run_dir.as_ref()?;
+        if reports.iter().all(|r| r.files.is_empty()) {
+            return None;
+        }
+        let stage_file = dir.join(format!("junit-{}.xml", self.plan.identifier));
+        let latest = dir.join("junit.xml");
+        let write = |path: &PathBuf| {
+            crate::reports::write_merged(reports, path)
+                .map_err(|e| {
+                    self.console
+                        .status(&format!("    junit: cannot write {}: {e}", path.display()))
+                })
+                .is_ok()
+        };
+        if !write(&stage_file) {
+            return None;
+        }
+        if write(&latest) {
+            self.console.status(&format!(
+                "    junit: {} (also {})",
+                stage_file.display(),
+                latest.display()
+            ));
+        } else {
+            self.console
+                .status(&format!("    junit: {}", stage_file.display()));
+        }
+        Some(stage_file)
+    }
+
+    /// Reads a finished Run step's reports, if it declared any.
+    async fn collect_reports(&self, step: &ResolvedStep) {
+        if step.reports.is_empty() {
+            return;
+        }
+        let r = read_reports(
+            step.id.clone(),
+            step.workspace.clone(),
+            step.reports.clone(),
+        )
+        .await;
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .reports
+            .push(r);
     }
 
     /// A service changed state while the stage runs.
@@ -228,20 +368,37 @@ impl StageRun {
         let (failed, why) = match st {
             ServiceState::Starting => return,
             ServiceState::Ready(d) => {
-                self.console.status(&format!("<-- {id} ready ({})", crate::units::format_duration(d)));
+                self.console.status(&format!(
+                    "<-- {id} ready ({})",
+                    crate::units::format_duration(d)
+                ));
                 return;
             }
-            ServiceState::Exited { description, clean: true } => {
-                self.console.status(&format!("    service {id} {description}"));
+            ServiceState::Exited {
+                description,
+                clean: true,
+            } => {
+                self.console
+                    .status(&format!("    service {id} {description}"));
                 return;
             }
-            ServiceState::Exited { description, clean: false } => (true, description),
+            ServiceState::Exited {
+                description,
+                clean: false,
+            } => (true, description),
             ServiceState::Failed(why) => (true, why),
         };
-        if !failed || !self.failed_services.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_string()) {
+        if !failed
+            || !self
+                .failed_services
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id.to_string())
+        {
             return;
         }
-        self.console.status(&format!("!!! service {id} failed: {why}"));
+        self.console
+            .status(&format!("!!! service {id} failed: {why}"));
         self.print_tail(id, 30);
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -264,7 +421,8 @@ impl StageRun {
         if tail.is_empty() {
             return;
         }
-        self.console.status(&format!("    last {} lines of {id}:", tail.len()));
+        self.console
+            .status(&format!("    last {} lines of {id}:", tail.len()));
         for l in tail {
             self.console.status(&format!("    | {l}"));
         }
@@ -277,7 +435,13 @@ impl StageRun {
             let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
             services
                 .iter()
-                .filter(|e| s.spec.depends_on.is_empty() || s.spec.depends_on.iter().any(|d| d.value == e.id || d.value == e.identifier))
+                .filter(|e| {
+                    s.spec.depends_on.is_empty()
+                        || s.spec
+                            .depends_on
+                            .iter()
+                            .any(|d| d.value == e.id || d.value == e.identifier)
+                })
                 .map(|e| (e.id.clone(), e.state.clone()))
                 .collect()
         };
@@ -296,7 +460,10 @@ impl StageRun {
                         self.on_service(id, st);
                         return Err(msg);
                     }
-                    ServiceState::Exited { clean: false, ref description } => {
+                    ServiceState::Exited {
+                        clean: false,
+                        ref description,
+                    } => {
                         let msg = format!("service {id} {description}");
                         self.on_service(id, st);
                         return Err(msg);
@@ -306,12 +473,20 @@ impl StageRun {
             }
             if starting.is_empty() {
                 if announced {
-                    self.console.status(&format!("    {} waited {} for services", s.id, crate::units::format_duration(waited.elapsed())));
+                    self.console.status(&format!(
+                        "    {} waited {} for services",
+                        s.id,
+                        crate::units::format_duration(waited.elapsed())
+                    ));
                 }
                 return Ok(());
             }
             if !announced {
-                self.console.status(&format!("    {} waiting for {} (starting)", s.id, starting.join(", ")));
+                self.console.status(&format!(
+                    "    {} waiting for {} (starting)",
+                    s.id,
+                    starting.join(", ")
+                ));
                 announced = true;
             }
             let mut changes: Vec<BoxFuture<'_, ()>> = wanted
@@ -344,7 +519,10 @@ impl StageRun {
                     }
                 }
                 PlanNode::Group { body, .. } => self.node(body).await,
-                PlanNode::Parallel { members, max_concurrency } => {
+                PlanNode::Parallel {
+                    members,
+                    max_concurrency,
+                } => {
                     let sem = max_concurrency.map(|m| Arc::new(Semaphore::new(m.max(1))));
                     join_all(members.iter().map(|m| {
                         let sem = sem.clone();
@@ -365,7 +543,8 @@ impl StageRun {
     }
 
     fn skip(&self, s: &PlannedStep, why: &str) {
-        self.console.step_end(&s.id, &Verdict::Skipped(why.into()).label(), None);
+        self.console
+            .step_end(&s.id, &Verdict::Skipped(why.into()).label(), None);
         self.record(StepResult {
             id: s.id.clone(),
             name: s.name.clone(),
@@ -378,7 +557,11 @@ impl StageRun {
     }
 
     fn ctx<'a>(&'a self, s: &'a PlannedStep) -> Ctx<'a> {
-        Ctx { run: &self.run, stage: Some(&self.stage), step: Some(s) }
+        Ctx {
+            run: &self.run,
+            stage: Some(&self.stage),
+            step: Some(s),
+        }
     }
 
     /// Should the step run, given the stage status and its `when`?
@@ -387,10 +570,18 @@ impl StageRun {
         if status == StageStatus::Aborted {
             return Ok(Some("stage aborted".into()));
         }
-        let gate = s.when.as_ref().map(|w| w.status).unwrap_or(StatusGate::Success);
+        let gate = s
+            .when
+            .as_ref()
+            .map(|w| w.status)
+            .unwrap_or(StatusGate::Success);
         match (gate, status) {
-            (StatusGate::Success, StageStatus::Failed) => return Ok(Some("an earlier step failed".into())),
-            (StatusGate::Failure, StageStatus::Success) => return Ok(Some("runs only when the stage has failed".into())),
+            (StatusGate::Success, StageStatus::Failed) => {
+                return Ok(Some("an earlier step failed".into()));
+            }
+            (StatusGate::Failure, StageStatus::Success) => {
+                return Ok(Some("runs only when the stage has failed".into()));
+            }
             _ => {}
         }
         if let Some(c) = s.when.as_ref().and_then(|w| w.condition.as_ref()) {
@@ -407,27 +598,47 @@ impl StageRun {
         let ctx = self.ctx(s);
         let r = |t: &Text| render(&t.value, &ctx).map_err(|e| format!("line {}: {e}", t.pos.line));
         let spec = &s.spec;
-        let mut env: Vec<(String, String)> = self.stage.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let mut env: Vec<(String, String)> = self
+            .stage
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (k, v) in &spec.env {
             env.push((k.clone(), r(v)?));
         }
         let timeout = match &s.timeout {
             None => None,
             Some(Timeout::Fixed(d)) => Some(*d),
-            Some(Timeout::Expr(t)) => Some(crate::units::parse_duration(&r(t)?).map_err(|e| format!("timeout: {e}"))?),
+            Some(Timeout::Expr(t)) => {
+                Some(crate::units::parse_duration(&r(t)?).map_err(|e| format!("timeout: {e}"))?)
+            }
         };
         Ok(ResolvedStep {
             id: s.id.clone(),
             name: s.name.clone(),
             background: s.kind == StepKind::Background,
-            image: spec.image.as_ref().map(&r).transpose()?.filter(|i| !i.trim().is_empty()),
+            image: spec
+                .image
+                .as_ref()
+                .map(&r)
+                .transpose()?
+                .filter(|i| !i.trim().is_empty()),
             shell: spec.shell,
             command: spec.command.as_ref().map(&r).transpose()?,
             entrypoint: spec.entrypoint.iter().map(&r).collect::<Result<_, _>>()?,
             env,
             run_as_user: spec.run_as_user.as_ref().map(&r).transpose()?,
-            output_variables: spec.output_variables.iter().map(|o| o.name.clone()).collect(),
-            port_bindings: spec.port_bindings.iter().map(|p| (p.host, p.container)).collect(),
+            output_variables: spec
+                .output_variables
+                .iter()
+                .map(|o| o.name.clone())
+                .collect(),
+            port_bindings: spec
+                .port_bindings
+                .iter()
+                .map(|p| (p.host, p.container))
+                .collect(),
             memory: spec.memory,
             cpu: spec.cpu,
             privileged: spec.privileged,
@@ -440,9 +651,15 @@ impl StageRun {
                 Some(h) => Some(ResolvedHealth {
                     probe: match &h.probe {
                         Probe::Tcp(p) => ResolvedProbe::Tcp(*p),
-                        Probe::Http { port, path, status } => ResolvedProbe::Http { port: *port, path: path.clone(), status: *status },
+                        Probe::Http { port, path, status } => ResolvedProbe::Http {
+                            port: *port,
+                            path: path.clone(),
+                            status: *status,
+                        },
                         Probe::Exec(t) => ResolvedProbe::Exec(r(t)?),
-                        Probe::Log(re) => ResolvedProbe::Log(regex::Regex::new(re).map_err(|e| e.to_string())?),
+                        Probe::Log(re) => {
+                            ResolvedProbe::Log(regex::Regex::new(re).map_err(|e| e.to_string())?)
+                        }
                     },
                     interval: h.interval,
                     timeout: h.timeout,
@@ -464,7 +681,9 @@ impl StageRun {
             Ok(None) => {}
             Err(e) => {
                 self.console.step_start(&s.id, "");
-                return self.finish_failure(s, Instant::now(), 1, FailKind::Other, e).await;
+                return self
+                    .finish_failure(s, Instant::now(), 1, FailKind::Other, e)
+                    .await;
             }
         }
         let started = Instant::now();
@@ -481,15 +700,19 @@ impl StageRun {
             None => "on the host".into(),
         };
         if s.kind == StepKind::Background {
-            self.console.step_start(&s.id, &format!("starting service {place}"));
+            self.console
+                .step_start(&s.id, &format!("starting service {place}"));
             match self.exec.start_service(&resolved, sink).await {
                 Ok(state) => {
                     let mut follow = state.clone();
-                    self.services.lock().unwrap_or_else(|e| e.into_inner()).push(ServiceEntry {
-                        id: s.id.clone(),
-                        identifier: s.identifier.clone(),
-                        state,
-                    });
+                    self.services
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push(ServiceEntry {
+                            id: s.id.clone(),
+                            identifier: s.identifier.clone(),
+                            state,
+                        });
                     let tx = self.events.0.clone();
                     let id = s.id.clone();
                     tokio::spawn(async move {
@@ -500,7 +723,19 @@ impl StageRun {
                             }
                         }
                     });
-                    self.console.step_end(&s.id, "started", Some(started.elapsed()));
+                    if !resolved.reports.is_empty() {
+                        self.state
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .background_reports
+                            .push(PendingReports {
+                                step: s.id.clone(),
+                                workspace: resolved.workspace.clone(),
+                                patterns: resolved.reports.clone(),
+                            });
+                    }
+                    self.console
+                        .step_end(&s.id, "started", Some(started.elapsed()));
                     self.record(StepResult {
                         id: s.id.clone(),
                         name: s.name.clone(),
@@ -514,7 +749,8 @@ impl StageRun {
                 Err(e) => {
                     // Harness: Background steps have no failure strategies; a service that
                     // cannot start fails the stage.
-                    self.console.step_end(&s.id, &format!("FAILED: {e}"), Some(started.elapsed()));
+                    self.console
+                        .step_end(&s.id, &format!("FAILED: {e}"), Some(started.elapsed()));
                     self.record(StepResult {
                         id: s.id.clone(),
                         name: s.name.clone(),
@@ -536,16 +772,35 @@ impl StageRun {
             return self.skip(s, &why);
         }
         self.console.step_start(&s.id, &format!("running {place}"));
+        self.attempts(s, &resolved, started, sink).await;
+        // Whatever the outcome (passed, failed, timed out, aborted): a failing test run is when
+        // the report matters most, and a partial one still says how far it got.
+        self.collect_reports(&resolved).await;
+    }
+
+    /// Runs a Run step, with its retries, and records how it ended.
+    async fn attempts(
+        &self,
+        s: &PlannedStep,
+        resolved: &ResolvedStep,
+        started: Instant,
+        sink: Arc<dyn LineSink>,
+    ) {
         let mut attempt = 1u32;
         // The retry budget of the strategy that first matched; retries re-enter the same loop.
         let mut retries_left: Option<u32> = None;
         loop {
-            let token = self.in_flight.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            let outcome = self.exec.run(&resolved, sink.clone(), token).await;
+            let token = self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let outcome = self.exec.run(resolved, sink.clone(), token).await;
             let (kind, message) = match outcome {
                 Outcome::Exited { code: 0, outputs } => {
                     self.accept_outputs(s, outputs);
-                    self.console.step_end(&s.id, "passed", Some(started.elapsed()));
+                    self.console
+                        .step_end(&s.id, "passed", Some(started.elapsed()));
                     self.record(StepResult {
                         id: s.id.clone(),
                         name: s.name.clone(),
@@ -558,7 +813,8 @@ impl StageRun {
                     return;
                 }
                 Outcome::Cancelled => {
-                    self.console.step_end(&s.id, "aborted", Some(started.elapsed()));
+                    self.console
+                        .step_end(&s.id, "aborted", Some(started.elapsed()));
                     self.record(StepResult {
                         id: s.id.clone(),
                         name: s.name.clone(),
@@ -571,19 +827,29 @@ impl StageRun {
                     // A signal or an Abort aborts the stage; a failed service has already
                     // failed it, and steps gated on failure still run.
                     if self.cancel.is_cancelled() {
-                        self.state.lock().unwrap_or_else(|e| e.into_inner()).status = StageStatus::Aborted;
+                        self.state.lock().unwrap_or_else(|e| e.into_inner()).status =
+                            StageStatus::Aborted;
                     }
                     return;
                 }
                 Outcome::Exited { code, .. } => (FailKind::Other, format!("exit code {code}")),
                 Outcome::TimedOut => (
                     FailKind::Timeout,
-                    format!("timed out after {}", resolved.timeout.map(crate::units::format_duration).unwrap_or_default()),
+                    format!(
+                        "timed out after {}",
+                        resolved
+                            .timeout
+                            .map(crate::units::format_duration)
+                            .unwrap_or_default()
+                    ),
                 ),
                 Outcome::Error(e) => (FailKind::Other, e),
             };
             let action = pick_action(&s.failure_strategies, &kind);
-            if let Some(Action::Retry { count, intervals, .. }) = action {
+            if let Some(Action::Retry {
+                count, intervals, ..
+            }) = action
+            {
                 let left = retries_left.get_or_insert(*count);
                 if *left > 0 && !self.cancel.is_cancelled() {
                     *left -= 1;
@@ -603,14 +869,28 @@ impl StageRun {
                     continue;
                 }
             }
-            return self.finish_failure(s, started, attempt, kind, message).await;
+            return self
+                .finish_failure(s, started, attempt, kind, message)
+                .await;
         }
     }
 
     /// Apply the failure strategy (after any retries) and record the result.
-    async fn finish_failure(&self, s: &PlannedStep, started: Instant, attempts: u32, kind: FailKind, message: String) {
-        let mut action = pick_action(&s.failure_strategies, &kind).cloned().unwrap_or(Action::MarkAsFailure);
-        if let Action::Retry { on_retry_failure, .. } = action {
+    async fn finish_failure(
+        &self,
+        s: &PlannedStep,
+        started: Instant,
+        attempts: u32,
+        kind: FailKind,
+        message: String,
+    ) {
+        let mut action = pick_action(&s.failure_strategies, &kind)
+            .cloned()
+            .unwrap_or(Action::MarkAsFailure);
+        if let Action::Retry {
+            on_retry_failure, ..
+        } = action
+        {
             action = *on_retry_failure;
         }
         let base = match kind {
@@ -633,7 +913,8 @@ impl StageRun {
             Verdict::Ignored | Verdict::MarkedSuccess => format!("{} ({message})", verdict.label()),
             v => format!("{}: {message}", v.label()),
         };
-        self.console.step_end(&s.id, &shown, Some(started.elapsed()));
+        self.console
+            .step_end(&s.id, &shown, Some(started.elapsed()));
         if matches!(verdict, Verdict::Failed | Verdict::TimedOut) {
             // What the services said last is usually why a step against them failed.
             let running: Vec<String> = self
@@ -641,7 +922,12 @@ impl StageRun {
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .iter()
-                .filter(|e| matches!(*e.state.borrow(), ServiceState::Starting | ServiceState::Ready(_)))
+                .filter(|e| {
+                    matches!(
+                        *e.state.borrow(),
+                        ServiceState::Starting | ServiceState::Ready(_)
+                    )
+                })
                 .map(|e| e.id.clone())
                 .collect();
             for id in running {
@@ -678,7 +964,9 @@ fn pick_action<'a>(strategies: &'a [FailureStrategy], kind: &FailKind) -> Option
             fs.errors.iter().any(|e| {
                 matches!(
                     (e, kind),
-                    (ErrorKind::All, _) | (ErrorKind::Timeout, FailKind::Timeout) | (ErrorKind::Other, FailKind::Other)
+                    (ErrorKind::All, _)
+                        | (ErrorKind::Timeout, FailKind::Timeout)
+                        | (ErrorKind::Other, FailKind::Other)
                 )
             })
         })
@@ -689,17 +977,35 @@ fn pick_action<'a>(strategies: &'a [FailureStrategy], kind: &FailKind) -> Option
 pub fn summary(report: &StageReport) -> String {
     use std::fmt::Write as _;
     let mut out = String::new();
-    let w = report.results.iter().map(|r| r.id.len()).max().unwrap_or(4).max(4);
+    let w = report
+        .results
+        .iter()
+        .map(|r| r.id.len())
+        .max()
+        .unwrap_or(4)
+        .max(4);
     let status = match report.status {
         StageStatus::Success => "succeeded",
         StageStatus::Failed => "FAILED",
         StageStatus::Aborted => "ABORTED",
     };
-    let _ = writeln!(out, "stage {} {status} in {}", report.identifier, crate::units::format_duration(report.duration));
-    let _ = writeln!(out, "  {:<w$}  {:<8}  {:>8}  result", "step", "kind", "time");
+    let _ = writeln!(
+        out,
+        "stage {} {status} in {}",
+        report.identifier,
+        crate::units::format_duration(report.duration)
+    );
+    let _ = writeln!(
+        out,
+        "  {:<w$}  {:<8}  {:>8}  result",
+        "step", "kind", "time"
+    );
     for r in &report.results {
         let kind = if r.background { "service" } else { "run" };
-        let time = r.duration.map(crate::units::format_duration).unwrap_or_else(|| "-".into());
+        let time = r
+            .duration
+            .map(crate::units::format_duration)
+            .unwrap_or_else(|| "-".into());
         let mut verdict = r.verdict.label();
         if r.attempts > 1 {
             verdict = format!("{verdict} after {} attempts", r.attempts);
@@ -709,7 +1015,61 @@ pub fn summary(report: &StageReport) -> String {
         }
         let _ = writeln!(out, "  {:<w$}  {:<8}  {:>8}  {verdict}", r.id, kind, time);
     }
+    for line in crate::reports::render_summary(&report.reports, SLOWEST_CASES).lines() {
+        let _ = writeln!(out, "  {line}");
+    }
     out
+}
+
+/// Reads reports off the async threads: the glob walk and the parsing are blocking file work.
+async fn read_reports(step: String, workspace: PathBuf, patterns: Vec<String>) -> StepReports {
+    let id = step.clone();
+    match tokio::task::spawn_blocking(move || crate::reports::collect(&step, &workspace, &patterns))
+        .await
+    {
+        Ok(r) => r,
+        // `collect` does not panic on input; should it anyway, the stage still ends normally.
+        Err(e) => StepReports {
+            step: id,
+            warnings: vec![format!("reading the reports failed: {e}")],
+            ..StepReports::default()
+        },
+    }
+}
+
+/// Masks secrets in every text a report carries: test output and failure messages often echo
+/// the environment, and all of it is printed or written to the merged file.
+fn mask_reports(r: &mut StepReports, secrets: &Secrets) {
+    let m = |t: &mut String| *t = secrets.mask(t);
+    let mo = |t: &mut Option<String>| {
+        if let Some(t) = t {
+            *t = secrets.mask(t);
+        }
+    };
+    m(&mut r.step);
+    for f in &mut r.files {
+        // Only rewritten when a secret is in it, so a non-UTF-8 path stays exact otherwise.
+        let shown = f.to_string_lossy();
+        let masked = secrets.mask(&shown);
+        if masked != shown {
+            *f = PathBuf::from(masked);
+        }
+    }
+    r.warnings.iter_mut().for_each(m);
+    for c in &mut r.cases {
+        m(&mut c.suite);
+        mo(&mut c.classname);
+        m(&mut c.name);
+        m(&mut c.step);
+        match &mut c.outcome {
+            CaseOutcome::Passed => {}
+            CaseOutcome::Failed { message, detail } | CaseOutcome::Error { message, detail } => {
+                mo(message);
+                mo(detail);
+            }
+            CaseOutcome::Skipped { message } => mo(message),
+        }
+    }
 }
 
 #[cfg(test)]
