@@ -111,6 +111,10 @@ impl Console {
         lines[lines.len().saturating_sub(n)..].to_vec()
     }
 
+    pub fn is_quiet(&self) -> bool {
+        self.quiet
+    }
+
     pub fn logs_dir(&self) -> Option<&Path> {
         self.logs_dir.as_deref()
     }

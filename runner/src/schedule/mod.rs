@@ -916,6 +916,10 @@ impl StageRun {
         self.console
             .step_end(&s.id, &shown, Some(started.elapsed()));
         if matches!(verdict, Verdict::Failed | Verdict::TimedOut) {
+            // `--quiet` hid the step's output while it ran; a failing step's is shown now.
+            if self.console.is_quiet() {
+                self.print_tail(&s.id, 40);
+            }
             // What the services said last is usually why a step against them failed.
             let running: Vec<String> = self
                 .services
