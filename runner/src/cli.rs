@@ -781,6 +781,7 @@ fn write_summary(run_dir: &Path, reports: &[crate::schedule::StageReport]) -> st
                 "stage": r.identifier,
                 "status": format!("{:?}", r.status),
                 "duration_ms": r.duration.as_millis() as u64,
+                "junit": r.junit,
                 "steps": r.results.iter().map(|s| serde_json::json!({
                     "id": s.id,
                     "name": s.name,
@@ -789,6 +790,9 @@ fn write_summary(run_dir: &Path, reports: &[crate::schedule::StageReport]) -> st
                     "message": s.message,
                     "duration_ms": s.duration.map(|d| d.as_millis() as u64),
                     "attempts": s.attempts,
+                    "started_ms": s.started_ms,
+                    "ready_ms": s.ready_ms,
+                    "finished_ms": s.finished_ms,
                 })).collect::<Vec<_>>(),
             })
         })

@@ -76,6 +76,11 @@ pub struct StepResult {
     pub message: Option<String>,
     pub duration: Option<Duration>,
     pub attempts: u32,
+    /// Milliseconds since the stage started: when the step started, when a service became
+    /// ready, when the step finished (a service: when it was stopped). For `summary.json`.
+    pub started_ms: Option<u64>,
+    pub ready_ms: Option<u64>,
+    pub finished_ms: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -123,6 +128,8 @@ pub struct StageRun {
     /// Cancels the Run steps in flight when a service fails (a child of `cancel`); replaced
     /// after each use so steps gated on failure can still run.
     in_flight: Mutex<CancellationToken>,
+    /// When the stage started: the zero of every step's timestamps.
+    t0: Instant,
     /// Services whose failure was already reported (events and waiters may both see it).
     failed_services: Mutex<std::collections::HashSet<String>>,
 }
@@ -188,6 +195,7 @@ impl StageRun {
             events: (tx, tokio::sync::Mutex::new(rx)),
             in_flight,
             failed_services: Mutex::new(Default::default()),
+            t0: Instant::now(),
         }
     }
 
@@ -207,7 +215,16 @@ impl StageRun {
         self.cancel.cancel();
     }
 
-    fn record(&self, r: StepResult) {
+    fn record(&self, mut r: StepResult) {
+        // Timestamps relative to the stage start: a step is recorded when it ends (a service:
+        // when it has started), so its start is now minus its duration.
+        let now = self.t0.elapsed();
+        if let Some(d) = r.duration {
+            r.started_ms = Some(now.saturating_sub(d).as_millis() as u64);
+            if !r.background {
+                r.finished_ms = Some(now.as_millis() as u64);
+            }
+        }
         self.state
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -242,6 +259,13 @@ impl StageRun {
             s.status = StageStatus::Aborted;
         }
         let (ends, errors) = self.exec.teardown().await;
+        {
+            let stopped = self.t0.elapsed().as_millis() as u64;
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for r in st.results.iter_mut().filter(|r| r.background && r.finished_ms.is_none() && r.started_ms.is_some()) {
+                r.finished_ms = Some(stopped);
+            }
+        }
         for e in ends {
             if e.clean {
                 self.console
@@ -372,6 +396,10 @@ impl StageRun {
                     "<-- {id} ready ({})",
                     crate::units::format_duration(d)
                 ));
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(r) = st.results.iter_mut().rev().find(|r| r.id == id) {
+                    r.ready_ms = r.started_ms.map(|t| t + d.as_millis() as u64);
+                }
                 return;
             }
             ServiceState::Exited {
@@ -553,6 +581,9 @@ impl StageRun {
             message: None,
             duration: None,
             attempts: 0,
+            started_ms: None,
+            ready_ms: None,
+            finished_ms: None,
         });
     }
 
@@ -705,6 +736,12 @@ impl StageRun {
             match self.exec.start_service(&resolved, sink).await {
                 Ok(state) => {
                     let mut follow = state.clone();
+                    // Seen now, not as an event: ready at once (no health check), or before
+                    // `follow` was taken.
+                    let ready_now = match &*state.borrow() {
+                        ServiceState::Ready(d) => Some(*d),
+                        _ => None,
+                    };
                     self.services
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -744,7 +781,16 @@ impl StageRun {
                         message: None,
                         duration: Some(started.elapsed()),
                         attempts: 1,
+                        started_ms: None,
+                        ready_ms: None,
+                        finished_ms: None,
                     });
+                    if let Some(d) = ready_now {
+                        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(r) = st.results.iter_mut().rev().find(|r| r.id == s.id) {
+                            r.ready_ms = r.started_ms.map(|t| t + d.as_millis() as u64);
+                        }
+                    }
                 }
                 Err(e) => {
                     // Harness: Background steps have no failure strategies; a service that
@@ -759,6 +805,9 @@ impl StageRun {
                         message: Some(e),
                         duration: Some(started.elapsed()),
                         attempts: 1,
+                        started_ms: None,
+                        ready_ms: None,
+                        finished_ms: None,
                     });
                     self.fail();
                 }
@@ -771,6 +820,8 @@ impl StageRun {
             }
             return self.skip(s, &why);
         }
+        // The step's own time starts now, not while it waited for services.
+        let started = Instant::now();
         self.console.step_start(&s.id, &format!("running {place}"));
         self.attempts(s, &resolved, started, sink).await;
         // Whatever the outcome (passed, failed, timed out, aborted): a failing test run is when
@@ -809,6 +860,9 @@ impl StageRun {
                         message: None,
                         duration: Some(started.elapsed()),
                         attempts: attempt,
+                        started_ms: None,
+                        ready_ms: None,
+                        finished_ms: None,
                     });
                     return;
                 }
@@ -823,6 +877,9 @@ impl StageRun {
                         message: None,
                         duration: Some(started.elapsed()),
                         attempts: attempt,
+                        started_ms: None,
+                        ready_ms: None,
+                        finished_ms: None,
                     });
                     // A signal or an Abort aborts the stage; a failed service has already
                     // failed it, and steps gated on failure still run.
@@ -946,6 +1003,9 @@ impl StageRun {
             message: Some(message),
             duration: Some(started.elapsed()),
             attempts,
+            started_ms: None,
+            ready_ms: None,
+            finished_ms: None,
         });
     }
 
