@@ -218,13 +218,7 @@ impl HostExecutor {
                 return Err(e.to_string());
             }
         };
-        let stdout = child.take_stdout();
-        let id = step.id.clone();
-        let reader = tokio::spawn(async move {
-            if let Some(fd) = stdout {
-                let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
-            }
-        });
+        let reader = forward_output(&mut child, &step.id, out);
         Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox, container: None })
     }
 
@@ -260,13 +254,7 @@ impl HostExecutor {
                 return Err(e.to_string());
             }
         };
-        let stdout = child.take_stdout();
-        let id = step.id.clone();
-        let reader = tokio::spawn(async move {
-            if let Some(fd) = stdout {
-                let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
-            }
-        });
+        let reader = forward_output(&mut child, &step.id, out);
         Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox, container: Some(container) })
     }
 
@@ -663,6 +651,17 @@ impl Executor for HostExecutor {
         }
         .boxed()
     }
+}
+
+/// Send the child's (merged) output, line by line, to `out` under the step's id.
+fn forward_output(child: &mut Child, id: &str, out: Arc<dyn LineSink>) -> tokio::task::JoinHandle<()> {
+    let stdout = child.take_stdout();
+    let id = id.to_string();
+    tokio::spawn(async move {
+        if let Some(fd) = stdout {
+            let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
+        }
+    })
 }
 
 /// Wait for the output reader to drain, but not forever: a `setsid` grandchild may still hold
