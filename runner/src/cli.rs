@@ -89,6 +89,12 @@ pub enum ImageCmd {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputArg {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum NetworkArg {
     /// One network namespace per stage, with outbound access through slirp4netns.
     Stage,
@@ -139,6 +145,10 @@ pub struct RunArgs {
     /// Show only step status lines and the output of failing steps.
     #[arg(long, short)]
     pub quiet: bool,
+    /// `text` for people; `json` streams one JSON event per line (stage_started, step_started,
+    /// output, service_ready, service_died, step_finished, stage_finished, message).
+    #[arg(long, value_enum, default_value = "text")]
+    pub output: OutputArg,
     /// How steps see the network: `stage` (a namespace per stage, step ids as hostnames,
     /// outbound through slirp4netns), `none` (the namespace, no outbound), `host`.
     #[arg(long, value_enum, default_value = "stage")]
@@ -399,7 +409,7 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
     let run_dir = run_dir_base().join(&run_id);
     let logs = run_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("create run directory {}", run_dir.display()))?;
-    let console = Arc::new(Console::new(secrets.clone(), Some(logs.clone()), a.quiet));
+    let console = Arc::new(Console::new(secrets.clone(), Some(logs.clone()), a.quiet).with_json(a.output == OutputArg::Json));
 
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
     let code = rt.block_on(async {
@@ -522,13 +532,13 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
             let options = RunOptions { workspace: workspace.clone(), skip_unsupported: a.file.skip_unsupported, run_dir: Some(run_dir.clone()) };
             let sr = StageRun::new(plan, run.clone(), info, exec, console.clone(), options, cancel.clone());
             let report = sr.run().await;
-            console.status(&summary(&report));
+            console.stage_end(&summary(&report), stage_json(&report));
             if report.status != StageStatus::Success {
                 any_failed = true;
             }
             reports.push(report);
         }
-        let _ = write_summary(&run_dir, &reports);
+        let _ = write_summary(&run_dir, &reports, &secrets);
         match signal.load(std::sync::atomic::Ordering::SeqCst) {
             0 if any_failed => EXIT_FAILED,
             0 => EXIT_OK,
@@ -773,29 +783,32 @@ fn stage_info(plan: &StagePlan, run: &RunInfo, file: &Path) -> std::result::Resu
     Ok(info)
 }
 
-fn write_summary(run_dir: &Path, reports: &[crate::schedule::StageReport]) -> std::io::Result<()> {
-    let stages: Vec<serde_json::Value> = reports
-        .iter()
-        .map(|r| {
-            serde_json::json!({
-                "stage": r.identifier,
-                "status": format!("{:?}", r.status),
-                "duration_ms": r.duration.as_millis() as u64,
-                "junit": r.junit,
-                "steps": r.results.iter().map(|s| serde_json::json!({
-                    "id": s.id,
-                    "name": s.name,
-                    "kind": if s.background { "service" } else { "run" },
-                    "result": s.verdict.label(),
-                    "message": s.message,
-                    "duration_ms": s.duration.map(|d| d.as_millis() as u64),
-                    "attempts": s.attempts,
-                    "started_ms": s.started_ms,
-                    "ready_ms": s.ready_ms,
-                    "finished_ms": s.finished_ms,
-                })).collect::<Vec<_>>(),
-            })
-        })
-        .collect();
-    std::fs::write(run_dir.join("summary.json"), serde_json::to_vec_pretty(&serde_json::json!({ "stages": stages }))?)
+fn write_summary(run_dir: &Path, reports: &[crate::schedule::StageReport], secrets: &Secrets) -> std::io::Result<()> {
+    let stages: Vec<serde_json::Value> = reports.iter().map(stage_json).collect();
+    let mut doc = serde_json::json!({ "stages": stages });
+    secrets.mask_json(&mut doc);
+    std::fs::write(run_dir.join("summary.json"), serde_json::to_vec_pretty(&doc)?)
+}
+
+/// One stage of `summary.json` (and of the `stage_finished` event): see the README for the schema.
+fn stage_json(r: &crate::schedule::StageReport) -> serde_json::Value {
+    // Messages may quote step output: mask them like everything else written.
+    serde_json::json!({
+        "stage": r.identifier,
+        "status": format!("{:?}", r.status),
+        "duration_ms": r.duration.as_millis() as u64,
+        "junit": r.junit,
+        "steps": r.results.iter().map(|s| serde_json::json!({
+            "id": s.id,
+            "name": s.name,
+            "kind": if s.background { "service" } else { "run" },
+            "result": s.verdict.label(),
+            "message": s.message,
+            "duration_ms": s.duration.map(|d| d.as_millis() as u64),
+            "attempts": s.attempts,
+            "started_ms": s.started_ms,
+            "ready_ms": s.ready_ms,
+            "finished_ms": s.finished_ms,
+        })).collect::<Vec<_>>(),
+    })
 }

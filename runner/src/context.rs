@@ -67,6 +67,17 @@ impl Secrets {
         out
     }
 
+    /// Mask every string inside a JSON value (before it is serialized: masking JSON text would
+    /// miss a secret that JSON escapes).
+    pub fn mask_json(&self, v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(t) => *t = self.mask(t),
+            serde_json::Value::Array(a) => a.iter_mut().for_each(|x| self.mask_json(x)),
+            serde_json::Value::Object(o) => o.values_mut().for_each(|x| self.mask_json(x)),
+            _ => {}
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.masked.read().map(|m| m.is_empty()).unwrap_or(true)
     }

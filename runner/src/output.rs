@@ -19,6 +19,8 @@ pub struct Console {
     secrets: Arc<Secrets>,
     color: bool,
     quiet: bool,
+    /// `--output json`: one JSON event per line instead of text.
+    json: bool,
     width: Mutex<usize>,
     logs_dir: Option<PathBuf>,
     files: Mutex<HashMap<String, File>>,
@@ -34,6 +36,7 @@ impl Console {
             secrets,
             color,
             quiet,
+            json: false,
             width: Mutex::new(8),
             logs_dir,
             files: Mutex::new(HashMap::new()),
@@ -63,22 +66,90 @@ impl Console {
         let _ = out.flush();
     }
 
+    /// Print one JSON event per line (`--output json`) instead of text.
+    pub fn with_json(mut self, json: bool) -> Console {
+        self.json = json;
+        if json {
+            self.color = false;
+        }
+        self
+    }
+
+    /// One event of `--output json`: every string in it is masked before it is serialized
+    /// (masking the JSON text would miss a secret that JSON escapes).
+    fn event(&self, kind: &str, mut fields: serde_json::Map<String, serde_json::Value>) {
+        fields.insert("event".into(), kind.into());
+        fields.insert("time".into(), timestamp().into());
+        let mut v = serde_json::Value::Object(fields);
+        self.secrets.mask_json(&mut v);
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
+    }
+
+    pub fn is_json(&self) -> bool {
+        self.json
+    }
+
     /// A status line (always shown, also with `--quiet`).
     pub fn status(&self, text: &str) {
+        if self.json {
+            return self.event("message", obj([("text", text.into())]));
+        }
         self.emit(text);
     }
 
     pub fn stage_start(&self, id: &str, name: &str) {
+        if self.json {
+            return self.event("stage_started", obj([("stage", id.into()), ("name", name.into())]));
+        }
         self.status(&format!("==> stage {id} ({name})"));
     }
 
+    /// The end of a stage: the summary text, or a `stage_finished` event with the report.
+    pub fn stage_end(&self, summary: &str, report: serde_json::Value) {
+        if self.json {
+            let mut m = match report {
+                serde_json::Value::Object(m) => m,
+                other => obj([("report", other)]),
+            };
+            m.insert("summary".into(), summary.into());
+            return self.event("stage_finished", m);
+        }
+        self.emit(summary);
+    }
+
+    pub fn service_ready(&self, id: &str, after: Duration) {
+        if self.json {
+            return self.event("service_ready", obj([("step", id.into()), ("after_ms", (after.as_millis() as u64).into())]));
+        }
+        let label = self.paint(id, id);
+        self.emit(&format!("<-- {label} ready ({})", crate::units::format_duration(after)));
+    }
+
+    pub fn service_died(&self, id: &str, why: &str) {
+        if self.json {
+            return self.event("service_died", obj([("step", id.into()), ("reason", why.into())]));
+        }
+        self.emit(&format!("!!! service {id} failed: {why}"));
+    }
+
     pub fn step_start(&self, id: &str, what: &str) {
+        if self.json {
+            self.log_line(id, &format!("--- {what}"));
+            return self.event("step_started", obj([("step", id.into()), ("detail", what.into())]));
+        }
         let label = self.paint(id, id);
         self.status(&format!("--> {label} {what}"));
         self.log_line(id, &format!("--- {what}"));
     }
 
     pub fn step_end(&self, id: &str, verdict: &str, took: Option<Duration>) {
+        if self.json {
+            self.log_line(id, &format!("--- {verdict}"));
+            let ms = took.map(|d| serde_json::Value::from(d.as_millis() as u64)).unwrap_or(serde_json::Value::Null);
+            return self.event("step_finished", obj([("step", id.into()), ("result", verdict.into()), ("duration_ms", ms)]));
+        }
         let label = self.paint(id, id);
         let took = took.map(|d| format!(" ({})", crate::units::format_duration(d))).unwrap_or_default();
         self.status(&format!("<-- {label} {verdict}{took}"));
@@ -126,10 +197,17 @@ impl LineSink for Console {
         if self.quiet {
             return;
         }
+        if self.json {
+            return self.event("output", obj([("step", step.into()), ("line", line.into())]));
+        }
         let w = *self.width.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = format!("{step:<w$} |");
         self.emit(&format!("{} {line}", self.paint(step, &prefix)));
     }
+}
+
+fn obj<const N: usize>(pairs: [(&str, serde_json::Value); N]) -> serde_json::Map<String, serde_json::Value> {
+    pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// RFC 3339 UTC with milliseconds, without a date crate.
@@ -161,6 +239,32 @@ mod tests {
         let t = timestamp();
         assert_eq!(t.len(), 24, "{t}");
         assert!(t.starts_with("20") && t.ends_with('Z'), "{t}");
+    }
+
+    #[test]
+    fn json_events_are_masked_field_by_field() {
+        let secrets = Arc::new(Secrets::new([("pw".to_string(), "a\"b".to_string())].into()));
+        let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
+        struct W(Arc<Mutex<Vec<u8>>>);
+        impl Write for W {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let c = Console::new(secrets, None, false).with_json(true);
+        *c.out.lock().unwrap() = Box::new(W(buf.clone()));
+        c.line("Run_1", "pw is a\"b");
+        c.step_end("Run_1", "passed", Some(Duration::from_millis(12)));
+        let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
+        let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        assert_eq!(events[0]["event"], "output");
+        assert_eq!(events[0]["line"], "pw is **************");
+        assert_eq!(events[1]["event"], "step_finished");
+        assert_eq!(events[1]["duration_ms"], 12);
     }
 
     #[test]

@@ -392,10 +392,7 @@ impl StageRun {
         let (failed, why) = match st {
             ServiceState::Starting => return,
             ServiceState::Ready(d) => {
-                self.console.status(&format!(
-                    "<-- {id} ready ({})",
-                    crate::units::format_duration(d)
-                ));
+                self.console.service_ready(id, d);
                 let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(r) = st.results.iter_mut().rev().find(|r| r.id == id) {
                     r.ready_ms = r.started_ms.map(|t| t + d.as_millis() as u64);
@@ -425,8 +422,7 @@ impl StageRun {
         {
             return;
         }
-        self.console
-            .status(&format!("!!! service {id} failed: {why}"));
+        self.console.service_died(id, &why);
         self.print_tail(id, 30);
         {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -1071,6 +1067,9 @@ pub fn summary(report: &StageReport) -> String {
             .map(crate::units::format_duration)
             .unwrap_or_else(|| "-".into());
         let mut verdict = r.verdict.label();
+        if let (Some(st), Some(rd)) = (r.started_ms, r.ready_ms.filter(|rd| Some(*rd) != r.started_ms)) {
+            verdict = format!("{verdict}, ready after {}", crate::units::format_duration(Duration::from_millis(rd.saturating_sub(st))));
+        }
         if r.attempts > 1 {
             verdict = format!("{verdict} after {} attempts", r.attempts);
         }
