@@ -208,6 +208,58 @@ impl Containers {
     }
 }
 
+impl Containers {
+    /// `runtime exec ID` for running a probe inside a container.
+    pub(crate) fn exec_argv(&self, id: &str) -> Vec<OsString> {
+        vec![self.runtime.binary().into(), "--root".into(), self.runtime.state_root().into(), "exec".into(), id.into()]
+    }
+
+    /// The image's Docker `HEALTHCHECK` (from its config), as a health check; `None` when it
+    /// has none or disables it (`NONE`).
+    pub(crate) fn image_health(&self, image: &str) -> Option<super::ResolvedHealth> {
+        let id = self.store.resolve(image).ok()??;
+        let manifest = self.store.manifest(&id).ok()?;
+        let raw = self.store.read_blob(manifest.config().digest()).ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
+        docker_healthcheck(v.get("config")?.get("Healthcheck")?)
+    }
+}
+
+/// Docker's `Healthcheck` config: `Test` (`["CMD", ...]`, `["CMD-SHELL", "..."]`, `["NONE"]`),
+/// durations in nanoseconds (0 = Docker's default), `Retries`.
+fn docker_healthcheck(h: &serde_json::Value) -> Option<super::ResolvedHealth> {
+    use std::time::Duration;
+    let test: Vec<String> = h.get("Test")?.as_array()?.iter().filter_map(|x| x.as_str().map(String::from)).collect();
+    let cmd = match test.first().map(String::as_str) {
+        Some("CMD-SHELL") => test.get(1)?.clone(),
+        Some("CMD") if test.len() > 1 => test[1..].iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "),
+        _ => return None,
+    };
+    let ns = |k: &str, default: Duration| match h.get(k).and_then(|x| x.as_u64()) {
+        Some(0) | None => default,
+        Some(n) => Duration::from_nanos(n),
+    };
+    // Docker's defaults are 30s intervals: far too slow to wait on in CI. A Harness user
+    // never set them, so readiness is probed at stagehand's own interval.
+    let interval = ns("Interval", Duration::from_millis(100)).min(Duration::from_secs(1));
+    Some(super::ResolvedHealth {
+        probe: super::ResolvedProbe::Exec(cmd),
+        interval,
+        timeout: ns("Timeout", Duration::from_secs(30)),
+        start_period: ns("StartPeriod", Duration::ZERO),
+        retries: None,
+        deadline: Duration::from_secs(300),
+    })
+}
+
+fn shell_quote(a: &str) -> String {
+    if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c)) {
+        a.to_string()
+    } else {
+        format!("'{}'", a.replace('\'', r"'\''"))
+    }
+}
+
 fn missing_image(image: &str, policy: Option<PullPolicy>, root: &Path) -> String {
     let how = format!(
         "load it with `stagehand image load FILE` (a docker save / podman save / skopeo archive) or `stagehand image import ROOTFS --tag {image}`"
@@ -221,6 +273,18 @@ fn missing_image(image: &str, policy: Option<PullPolicy>, root: &Path) -> String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn docker_healthchecks_become_exec_probes() {
+        let h = serde_json::json!({"Test": ["CMD-SHELL", "pg_isready -U postgres"], "Interval": 5_000_000_000u64, "Timeout": 0});
+        let r = docker_healthcheck(&h).unwrap();
+        assert!(matches!(r.probe, super::super::ResolvedProbe::Exec(ref c) if c == "pg_isready -U postgres"));
+        assert_eq!(r.interval, std::time::Duration::from_secs(1), "capped so readiness is seen fast");
+        let h = serde_json::json!({"Test": ["CMD", "curl", "-f", "http://localhost/a b"]});
+        let r = docker_healthcheck(&h).unwrap();
+        assert!(matches!(r.probe, super::super::ResolvedProbe::Exec(ref c) if c == "curl -f 'http://localhost/a b'"));
+        assert!(docker_healthcheck(&serde_json::json!({"Test": ["NONE"]})).is_none());
+    }
 
     #[test]
     fn missing_image_names_the_image_and_the_fix() {

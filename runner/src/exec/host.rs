@@ -278,6 +278,8 @@ impl HostExecutor {
 
 /// What an `exec` probe needs to start its command like the service: argv prefix and env.
 struct ExecProbe {
+    /// For a container service: the runtime's `exec` into it, in front of `sh -c CMD`.
+    runtime_exec: Option<Vec<OsString>>,
     env: Vec<(OsString, OsString)>,
     cwd: PathBuf,
     command: String,
@@ -292,10 +294,24 @@ struct ProbeCtx {
 }
 
 impl HostExecutor {
-    fn probe_spec_parts(&self, step: &ResolvedStep, cmd: &str) -> Result<ExecProbe, String> {
+    fn probe_spec_parts(&self, step: &ResolvedStep, cmd: &str, container: Option<&str>) -> Result<ExecProbe, String> {
+        if let (Some(id), Some(cs)) = (container, &self.containers) {
+            // Inside the service's container: its files, its user, its namespaces.
+            let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+            return Ok(ExecProbe {
+                runtime_exec: Some(cs.exec_argv(id)),
+                env: vec![("PATH".into(), path)],
+                cwd: PathBuf::from("/"),
+                command: cmd.to_string(),
+                user: None,
+                netns: None,
+                hosts: None,
+            });
+        }
         let (spec, _) = self.prepare(step)?;
         let stage = self.stage();
         Ok(ExecProbe {
+            runtime_exec: None,
             env: spec.env,
             cwd: spec.cwd,
             command: cmd.to_string(),
@@ -421,7 +437,9 @@ fn http_probe(port: u16, path: &str, want: Option<u16>) -> Result<(), String> {
 
 async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
     let Some(e) = &ctx.exec else { return Err("no exec probe".into()) };
-    let mut spec = SpawnSpec::new(["sh".to_string(), "-c".into(), e.command.clone()], e.env.clone(), &e.cwd);
+    let mut argv: Vec<OsString> = e.runtime_exec.clone().unwrap_or_default();
+    argv.extend(["sh".into(), "-c".into(), OsString::from(&e.command)]);
+    let mut spec = SpawnSpec::new(argv, e.env.clone(), &e.cwd);
     spec.user = e.user.clone();
     spec.output = OutputTarget::Null;
     spec.process_group = true;
@@ -527,6 +545,15 @@ impl Executor for HostExecutor {
                 _ => out.clone(),
             };
             let Spawned { child, reader, sandbox, container, .. } = self.spawn(step, sink)?;
+            // An image's own HEALTHCHECK counts when the step sets none (Docker's rule).
+            let image_health = match (&step.health_check, &container, &self.containers) {
+                (None, Some(_), Some(cs)) => step.image.as_deref().and_then(|i| cs.image_health(i)),
+                _ => None,
+            };
+            if image_health.is_some() {
+                let _ = tx.send(ServiceState::Starting);
+            }
+            let health = step.health_check.clone().or(image_health);
             if let Some(stage) = self.stage() {
                 stage.record_service(&step.id, child.pid());
             }
@@ -557,12 +584,12 @@ impl Executor for HostExecutor {
                     });
                 });
             }
-            if let Some(h) = step.health_check.clone() {
+            if let Some(h) = health {
                 if !matches!(h.probe, ResolvedProbe::Log(_)) {
                     let ctx = ProbeCtx {
                         netns: self.stage().and_then(|s| s.netns_path().map(Path::to_path_buf)),
                         exec: match &h.probe {
-                            ResolvedProbe::Exec(cmd) => Some(self.probe_spec_parts(step, cmd)?),
+                            ResolvedProbe::Exec(cmd) => Some(self.probe_spec_parts(step, cmd, container.as_ref().map(|c| c.id.as_str()))?),
                             _ => None,
                         },
                     };
