@@ -2,4 +2,5 @@
 
 pub mod bin_path;
 pub mod e2e;
+pub mod readiness;
 pub mod sandbox;

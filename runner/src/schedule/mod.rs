@@ -272,9 +272,13 @@ impl StageRun {
                     .status(&format!("    service {} {}", e.id, e.description));
                 continue;
             }
-            // A service that died during the stage fails it, and its row says why.
-            self.console
-                .status(&format!("    service {} FAILED: {}", e.id, e.description));
+            // A service that died during the stage fails it, and its row says why (said once:
+            // a failure already reported while the stage ran is not repeated).
+            let reported = self.failed_services.lock().unwrap_or_else(|e| e.into_inner()).contains(&e.id);
+            if !reported {
+                self.console
+                    .status(&format!("    service {} FAILED: {}", e.id, e.description));
+            }
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             // Keep the reason seen while the stage ran, if there was one.
             if let Some(r) = st
@@ -445,8 +449,8 @@ impl StageRun {
         if tail.is_empty() {
             return;
         }
-        self.console
-            .status(&format!("    last {} lines of {id}:", tail.len()));
+        let what = if tail.len() == 1 { "last line".to_string() } else { format!("last {} lines", tail.len()) };
+        self.console.status(&format!("    {what} of {id}:"));
         for l in tail {
             self.console.status(&format!("    | {l}"));
         }
@@ -1067,7 +1071,7 @@ pub fn summary(report: &StageReport) -> String {
             .map(crate::units::format_duration)
             .unwrap_or_else(|| "-".into());
         let mut verdict = r.verdict.label();
-        if let (Some(st), Some(rd)) = (r.started_ms, r.ready_ms.filter(|rd| Some(*rd) != r.started_ms)) {
+        if let (Some(st), Some(rd), Verdict::Started) = (r.started_ms, r.ready_ms.filter(|rd| Some(*rd) != r.started_ms), &r.verdict) {
             verdict = format!("{verdict}, ready after {}", crate::units::format_duration(Duration::from_millis(rd.saturating_sub(st))));
         }
         if r.attempts > 1 {
