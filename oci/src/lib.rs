@@ -9,13 +9,15 @@
 //!
 //! The path from an image to a running container:
 //! [`store`] (content-addressed image store, names) → [`archive`] (`load` of oci-archive and
-//! docker-archive tarballs, `import` of a root filesystem) → [`unpack`] (layers unpacked once
-//! into a layer cache) → [`rootfs`] (an overlayfs per container) → [`spec`] (the OCI runtime
-//! spec) → [`runtime`] (the argv of `runc run`, `kill`, `delete`, `state`).
+//! docker-archive tarballs, `import` of a root filesystem) or [`pull`] (from a registry) →
+//! [`unpack`] (layers unpacked once into a layer cache) → [`rootfs`] (an overlayfs per
+//! container) → [`spec`] (the OCI runtime spec) → [`runtime`] (the argv of `runc run`, `kill`,
+//! `delete`, `state`).
 
 pub mod archive;
 mod compression;
 mod fsutil;
+pub mod pull;
 pub mod rootfs;
 pub mod runtime;
 pub mod spec;
@@ -35,6 +37,9 @@ pub enum Error {
     /// Loading or importing an archive.
     #[error(transparent)]
     Archive(#[from] archive::ArchiveError),
+    /// Pulling from a registry.
+    #[error(transparent)]
+    Pull(#[from] pull::PullError),
     /// Unpacking a layer.
     #[error(transparent)]
     Unpack(#[from] unpack::UnpackError),

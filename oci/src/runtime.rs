@@ -121,7 +121,7 @@ pub trait OciRuntime: Send + Sync + fmt::Debug {
     /// containers and nothing else.
     fn state_root(&self) -> &Path;
 
-    /// `<bin> --root <state> run --bundle <bundle> <id>`: runs the container in the
+    /// `<bin> --root <state> run --keep --bundle <bundle> <id>`: runs the container in the
     /// foreground (no `--detach`, no `--pid-file`: the caller is the parent and waits).
     fn run_argv(&self, bundle: &Path, id: &str) -> Vec<OsString>;
 
@@ -259,8 +259,11 @@ impl OciRuntime for RuncCli {
 
     fn run_argv(&self, bundle: &Path, id: &str) -> Vec<OsString> {
         let mut argv = self.base();
+        // `--keep`: the container (and its cgroup) outlive its exit until `delete`, so the
+        // caller can still read the cgroup (an OOM kill) before cleaning up.
         argv.extend([
             "run".into(),
+            "--keep".into(),
             "--bundle".into(),
             bundle.as_os_str().to_owned(),
             id.into(),
@@ -485,6 +488,7 @@ mod tests {
             strings(&rt.run_argv(Path::new("/run/stagehand/r1/c/s1"), "stagehand-r1-s1")),
             with(&[
                 "run",
+                "--keep",
                 "--bundle",
                 "/run/stagehand/r1/c/s1",
                 "stagehand-r1-s1"

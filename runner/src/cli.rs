@@ -63,6 +63,17 @@ pub enum Command {
 pub enum ImageCmd {
     /// Load an oci-archive or docker-archive tarball (docker save, podman save, skopeo copy).
     Load { file: PathBuf },
+    /// Pull an image from a registry. Registries on localhost / 127.0.0.1 and those listed in
+    /// STAGEHAND_INSECURE_REGISTRIES (host:port,...) are plain HTTP, others HTTPS; credentials
+    /// come from $REGISTRY_AUTH_FILE, $DOCKER_CONFIG/config.json or ~/.docker/config.json.
+    Pull {
+        /// The image, normalized as Docker does: `registry.lab:5000/team/app:1.2`,
+        /// `127.0.0.1:5000/lab/busybox`, `...@sha256:<digest>`.
+        reference: String,
+        /// Speak plain HTTP to this image's registry.
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Make a one-layer image from a root filesystem (a directory or a tar).
     Import {
         source: PathBuf,
@@ -559,10 +570,54 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
         ImageCmd::Load { file } => {
             let started = std::time::Instant::now();
             let loaded = archive::load(&store, &file).with_context(|| format!("load {}", file.display()))?;
+            // Unpack every layer now: a hostile archive (`..`, escaping symlinks) is refused
+            // here, naming the entry, rather than when a stage first uses the image; and the
+            // first container start is then fast.
+            let checked = (|| -> Result<()> {
+                let guard = store.write_guard()?;
+                for l in &loaded {
+                    stagehand_oci::unpack::ensure_image_layers(&store, &guard, &l.id)
+                        .with_context(|| format!("unpack {} from {}", l.name.as_deref().unwrap_or("image"), file.display()))?;
+                }
+                Ok(())
+            })();
+            if let Err(e) = checked {
+                for l in &loaded {
+                    let _ = store.remove(l.name.as_deref().unwrap_or(&l.id.to_string()));
+                }
+                let _ = store.prune();
+                return Err(e.context("the archive was not loaded"));
+            }
             for l in &loaded {
                 println!("loaded {} ({})", l.name.as_deref().unwrap_or("<no name>"), l.id.short());
             }
             eprintln!("{} image(s) in {}", loaded.len(), crate::units::format_duration(started.elapsed()));
+        }
+        ImageCmd::Pull { reference, insecure } => {
+            use std::io::IsTerminal;
+            use stagehand_oci::pull;
+            let mut opts = pull::PullOptions::from_env()?;
+            opts.insecure = insecure;
+            let live = std::io::stderr().is_terminal();
+            opts.progress = Some(pull::text_progress(Box::new(std::io::stderr()), live));
+            let started = std::time::Instant::now();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            match rt.block_on(pull::pull(&store, &reference, &opts)) {
+                Ok(p) => {
+                    println!("pulled {} ({})", p.name.as_deref().unwrap_or(&p.reference), p.id.short());
+                    eprintln!(
+                        "{} blob(s) fetched ({}), {} already in the store, in {}",
+                        p.fetched_blobs,
+                        pull::human_bytes(p.fetched_bytes),
+                        p.cached_blobs,
+                        crate::units::format_duration(started.elapsed())
+                    );
+                }
+                Err(e) => {
+                    eprintln!("stagehand: {e}");
+                    return Ok(EXIT_FAILED);
+                }
+            }
         }
         ImageCmd::Import { source, tag, entrypoint, cmd, env } => {
             let opts = archive::ImportOptions {

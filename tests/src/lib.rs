@@ -2,5 +2,8 @@
 
 pub mod bin_path;
 pub mod e2e;
-pub mod readiness;
 pub mod sandbox;
+pub mod images;
+pub mod readiness;
+pub mod pgimage;
+pub mod registry;

@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use stagehand_oci::rootfs::Rootfs;
 use stagehand_oci::runtime::{Control, OciRuntime, RuncCli};
 use stagehand_oci::spec::{self, BindMount, ContainerSpec, Host, Network, Resources};
+use stagehand_oci::pull::{self, PullError, PullOptions};
 use stagehand_oci::store::Store;
 use stagehand_oci::unpack;
 use stagehand_supervisor::cgroup::Limits;
@@ -75,11 +76,7 @@ impl Containers {
     pub(crate) fn prepare(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits) -> Result<(SpawnSpec, Option<PathBuf>, Container), String> {
         let image = step.image.as_deref().unwrap_or_default();
         let id = format!("{}-{}", self.id_prefix, step.id);
-        let image_id = self
-            .store
-            .resolve(image)
-            .map_err(|e| format!("image `{image}`: {e}"))?
-            .ok_or_else(|| missing_image(image, step.pull_policy, self.store.root()))?;
+        let image_id = self.image_for(step, image)?;
         let dir = self.dir.join(&step.id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -109,6 +106,48 @@ impl Containers {
         }
     }
 
+    /// The image `step` runs, after its `imagePullPolicy`: `Never` uses only the store;
+    /// `IfNotPresent` pulls when the store lacks the image; `Always` pulls every time (only
+    /// blobs not in the store are downloaded, so an unchanged image costs one manifest
+    /// request). Unset is Kubernetes' rule: `Always` for `:latest` (or no tag) without a
+    /// digest, `IfNotPresent` otherwise; but when it is unset and the registry cannot be
+    /// reached, an image already in the store is used with a warning, so pipelines written
+    /// for a connected CI still run offline from images loaded with `stagehand image load`.
+    fn image_for(&self, step: &ResolvedStep, image: &str) -> Result<stagehand_oci::store::ImageId, String> {
+        let local = self.store.resolve(image).map_err(|e| format!("image `{image}`: {e}"))?;
+        let (policy, defaulted) = effective_policy(step.pull_policy, image);
+        let wanted = match policy {
+            PullPolicy::Never => false,
+            PullPolicy::IfNotPresent => local.is_none(),
+            PullPolicy::Always => true,
+        };
+        // An image id (or a prefix of one) names nothing a registry has.
+        if !wanted || (local.is_some() && looks_like_image_id(image)) {
+            return local.ok_or_else(|| missing_image(image, step.pull_policy, self.store.root()));
+        }
+        let registry = stagehand_oci::store::parse_reference(image).map(|r| r.registry().to_string()).unwrap_or_default();
+        if let Some(id) = &local {
+            if defaulted && unreachable_registries().contains(&registry) {
+                return Ok(id.clone());
+            }
+        }
+        let mut opts = PullOptions::from_env().map_err(|e| e.to_string())?;
+        opts.progress = Some(pull::text_progress(Box::new(std::io::stderr()), false));
+        match pull_blocking(&self.store, image, &opts) {
+            Ok(p) => Ok(p.id),
+            Err(Ok(PullError::Unreachable { registry, reason, .. })) if defaulted && local.is_some() => {
+                eprintln!(
+                    "stagehand: warning: {}: cannot reach registry {registry} ({reason}); running the copy of `{image}` in the image store (imagePullPolicy is unset: set it to IfNotPresent to not ask the registry, or Always to make this an error)",
+                    step.id
+                );
+                unreachable_registries().insert(registry);
+                Ok(local.expect("checked above"))
+            }
+            Err(Ok(e)) => Err(e.to_string()),
+            Err(Err(e)) => Err(format!("pull `{image}`: {e}")),
+        }
+    }
+
     fn bundle(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits, image_id: &stagehand_oci::store::ImageId, c: &Container) -> Result<(Vec<OsString>, Option<PathBuf>), String> {
         let image = step.image.as_deref().unwrap_or_default();
         let config = self.store.config(image_id).map_err(|e| format!("image `{image}`: {e}"))?;
@@ -120,7 +159,7 @@ impl Containers {
             Some(u) => spec::resolve_user(&rootfs, u).map_err(|e| format!("runAsUser `{u}` in `{image}`: {e}"))?,
             None => Default::default(),
         };
-        let (script, outputs) = exec.script_argv(step, Some(Path::new("/stagehand")), Some((user.uid, user.gid)))?;
+        let (script, outputs) = if step.command.is_none() { (None, None) } else { exec.script_argv(step, Some(Path::new("/stagehand")), Some((user.uid, user.gid)))? };
         let args = if !step.entrypoint.is_empty() {
             step.entrypoint.clone()
         } else if let Some(script) = script {
@@ -262,11 +301,57 @@ fn shell_quote(a: &str) -> String {
 
 fn missing_image(image: &str, policy: Option<PullPolicy>, root: &Path) -> String {
     let how = format!(
-        "load it with `stagehand image load FILE` (a docker save / podman save / skopeo archive) or `stagehand image import ROOTFS --tag {image}`"
+        "load it with `stagehand image load FILE` (a docker save / podman save / skopeo archive), `stagehand image import ROOTFS --tag {image}`, or `stagehand image pull REFERENCE` from a registry"
     );
     match policy {
         Some(PullPolicy::Never) => format!("image `{image}` is not in the image store ({}) and imagePullPolicy is Never: {how}", root.display()),
-        _ => format!("image `{image}` is not in the image store ({}); pulling from a registry is not available in this build: {how}", root.display()),
+        // Only an image id gets here otherwise: there is nothing to pull it by.
+        _ => format!("image `{image}` is not in the image store ({}): {how}", root.display()),
+    }
+}
+
+/// The policy an image is pulled under, and whether it was defaulted (see
+/// [`Containers::image_for`]).
+fn effective_policy(policy: Option<PullPolicy>, image: &str) -> (PullPolicy, bool) {
+    if let Some(p) = policy {
+        return (p, false);
+    }
+    let latest = stagehand_oci::store::parse_reference(image)
+        .map(|r| r.digest().is_none() && r.tag().is_none_or(|t| t == "latest"))
+        .unwrap_or(false);
+    (if latest { PullPolicy::Always } else { PullPolicy::IfNotPresent }, true)
+}
+
+/// `sha256:<hex>` or bare hex digits: how `image` names an image by id (or id prefix).
+fn looks_like_image_id(image: &str) -> bool {
+    let hex = image.strip_prefix("sha256:").unwrap_or(image);
+    hex.len() >= 4 && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Registries found unreachable during this run, so a defaulted `Always` does not wait on a
+/// dead registry again for every step (see [`Containers::image_for`]).
+fn unreachable_registries() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<String>> {
+    static SET: std::sync::Mutex<std::collections::BTreeSet<String>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    SET.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs a pull to completion from synchronous code. Steps are prepared inside the run's
+/// multi-thread runtime: `block_in_place` hands this worker's other tasks (service log
+/// readers, health checks) to another thread while the pull is driven on this one. Anywhere
+/// else (a current-thread runtime, no runtime) the pull gets a thread and runtime of its own.
+/// `Err(Err(_))` is a failure to set up that runtime.
+fn pull_blocking(store: &Store, image: &str, opts: &PullOptions) -> Result<pull::Pulled, Result<PullError, String>> {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| h.block_on(pull::pull(store, image, opts))).map_err(Ok),
+        _ => std::thread::scope(|s| {
+            s.spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Err(format!("start a runtime for the pull: {e}")))?;
+                rt.block_on(pull::pull(store, image, opts)).map_err(Ok)
+            })
+            .join()
+            .unwrap_or_else(|_| Err(Err("the pull thread panicked".to_string())))
+        }),
     }
 }
 
@@ -291,6 +376,53 @@ mod tests {
         let m = missing_image("postgres:15", Some(PullPolicy::Never), Path::new("/var/lib/stagehand"));
         assert!(m.contains("image `postgres:15`") && m.contains("imagePullPolicy is Never") && m.contains("stagehand image load"), "{m}");
         let m = missing_image("busybox", None, Path::new("/s"));
-        assert!(m.contains("stagehand image import ROOTFS --tag busybox"), "{m}");
+        assert!(m.contains("stagehand image import ROOTFS --tag busybox") && m.contains("stagehand image pull"), "{m}");
+    }
+
+    #[test]
+    fn unset_pull_policy_is_always_for_latest_only() {
+        use PullPolicy::*;
+        let hex = "a".repeat(64);
+        let cases: &[(&str, (PullPolicy, bool))] = &[
+            ("busybox", (Always, true)),
+            ("busybox:latest", (Always, true)),
+            ("127.0.0.1:5000/lab/busybox", (Always, true)),
+            ("postgres:15", (IfNotPresent, true)),
+            ("registry.lab:5000/app:1.2", (IfNotPresent, true)),
+        ];
+        for (image, want) in cases {
+            assert_eq!(effective_policy(None, image), *want, "{image}");
+        }
+        assert_eq!(effective_policy(None, &format!("busybox@sha256:{hex}")), (IfNotPresent, true));
+        assert_eq!(effective_policy(None, &format!("busybox:latest@sha256:{hex}")), (IfNotPresent, true));
+        assert_eq!(effective_policy(Some(Never), "busybox"), (Never, false));
+        assert_eq!(effective_policy(Some(Always), "postgres:15"), (Always, false));
+        assert!(looks_like_image_id(&format!("sha256:{hex}")) && looks_like_image_id("abcd12") && !looks_like_image_id("busybox"));
+    }
+
+    /// From a task of the multi-thread runtime (how steps are prepared) the pull runs in
+    /// place; outside it (no runtime, a current-thread one) on a thread of its own. Either
+    /// way a refused connection is the "cannot reach" error.
+    #[test]
+    fn pull_blocking_works_in_and_outside_the_multi_thread_runtime() {
+        fn check(store: &Store, image: &str) {
+            match pull_blocking(store, image, &PullOptions::default()) {
+                Err(Ok(e @ PullError::Unreachable { .. })) => assert!(e.to_string().contains(&format!("`{image}:latest`: connection refused")), "{e}"),
+                Err(Ok(e)) => panic!("{e}"),
+                Err(Err(e)) => panic!("{e}"),
+                Ok(p) => panic!("{p:?}"),
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let image = format!("127.0.0.1:{port}/lab/busybox");
+        check(&store, &image);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async { check(&store, &image) });
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        rt.block_on(async { check(&store, &image) });
+        let (s, i) = (store.clone(), image.clone());
+        rt.block_on(async move { tokio::spawn(async move { check(&s, &i) }).await.unwrap() });
     }
 }
