@@ -634,11 +634,15 @@ impl<'a> Puller<'a> {
         }
         let resolved = self.resolve().await?;
         let id = ImageId::new(resolved.digest.clone());
+        // Blocks only while a `prune` runs (a flock), which is short: not worth a thread.
         let guard = self.store.write_guard().map_err(self.store_err())?;
 
         let manifest = &resolved.manifest;
         let mut blobs: Vec<(&Descriptor, &'static str)> = vec![(manifest.config(), "config")];
         blobs.extend(manifest.layers().iter().map(|l| (l, "layer")));
+        // An image may list the same layer twice (an empty layer, say): fetch it once.
+        let mut seen = std::collections::HashSet::new();
+        blobs.retain(|(d, _)| seen.insert(d.digest().clone()));
         let missing: Vec<(&Descriptor, &'static str)> = blobs
             .iter()
             .copied()
@@ -703,10 +707,12 @@ impl<'a> Puller<'a> {
         let Ok(manifest) = self.store.manifest(&id) else {
             return Ok(None);
         };
-        let blobs = 1 + manifest.layers().len();
-        let all_there = std::iter::once(manifest.config())
+        let digests: std::collections::HashSet<&Digest> = std::iter::once(manifest.config())
             .chain(manifest.layers())
-            .all(|d| self.store.has_blob(d.digest()));
+            .map(|d| d.digest())
+            .collect();
+        let blobs = digests.len();
+        let all_there = digests.iter().all(|d| self.store.has_blob(d));
         if !all_there || self.store.layers(&id).is_err() {
             return Ok(None);
         }
@@ -1709,6 +1715,31 @@ mod tests {
             "{log:?}"
         );
         assert_eq!(tmp_files(&store), 0);
+    }
+
+    #[tokio::test]
+    async fn a_layer_listed_twice_is_fetched_once() {
+        let reg = FakeRegistry::start();
+        let layer = noise(3000, 12);
+        let img = TestImage::new(vec![layer.clone(), noise(10, 13), layer]);
+        reg.serve_image("twice", "latest", &img);
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let pulled = pull(
+            &store,
+            &format!("{}/lab/twice", reg.host()),
+            &PullOptions::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!((pulled.fetched_blobs, pulled.cached_blobs), (3, 0));
+        assert_eq!(store.layers(&pulled.id).unwrap().len(), 3);
+        let layer_gets = reg
+            .log()
+            .iter()
+            .filter(|l| l.contains(&store_digest(&img.layers[0]).to_string()))
+            .count();
+        assert_eq!(layer_gets, 1);
     }
 
     #[tokio::test]

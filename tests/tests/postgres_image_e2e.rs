@@ -47,21 +47,32 @@ fn kubernetes_health_check_example_runs_with_postgres_containers() {
     eprintln!("pipeline ran in {:.1} s", out.elapsed.as_secs_f64());
 
     out.assert_code(0);
-    for id in ["Background_1", "Background_2", "Run_1", "Run_2", "Run_3"] {
+    // Steps inside a step group are reported as `<group>_<step>`.
+    for (id, result) in [
+        ("sg1_Background_1", "started"),
+        ("sg2_Background_2", "started"),
+        ("sg1_Run_1", "passed"),
+        ("sg2_Run_2", "passed"),
+        ("Run_3", "passed"),
+    ] {
         let row = out.summary_row(id);
         assert!(
-            row.contains("success"),
+            row.ends_with(result),
             "step {id} did not succeed: {row}\n{}",
             out.dump()
         );
     }
     // The servers really came from the entrypoint (initdb on the EmptyDir, then postgres).
-    for id in ["Background_1", "Background_2"] {
+    for id in ["sg1_Background_1", "sg2_Background_2"] {
         let log = out.log(id);
         assert!(
             log.contains("PostgreSQL init process complete"),
             "{id} did not initialise its PGDATA:\n{log}"
         );
+    }
+    // SIGTERM reached the postmaster through the container's init (a smart shutdown).
+    for id in ["sg1_Background_1", "sg2_Background_2"] {
+        out.assert_stdout_has(&format!("service {id} stopped: exit code 0"));
     }
     let rows = out.step_output("Run_3");
     for want in ["row: test1=hello from test1", "row: test2=hello from test2"] {
