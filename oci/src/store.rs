@@ -7,8 +7,8 @@
 //! the two lock files, reference resolution and `prune`.
 //! Does not own: reading archives ([`crate::archive`]), unpacked layers (the `layers/` cache
 //! belongs to [`crate::unpack`]; `prune` only asks it to drop unused entries), pulling from a
-//! registry (later: it will write through [`Store::blob_writer`] and [`Store::tag`] like
-//! `load` does).
+//! registry ([`crate::pull`], which writes through [`Store::blob_writer`] and [`Store::tag`]
+//! like `load` does).
 //!
 //! Layout and concurrency (two `stagehand` processes may share one store):
 //! - Blobs are written to `tmp/`, fsync'd, their digest checked, then renamed into

@@ -49,7 +49,7 @@ pub enum Command {
     Gc,
     /// List running stages and their services.
     Ps,
-    /// Manage the image store: load, import, ls, rm, inspect, prune.
+    /// Manage the image store: load, import, pull, ls, rm, inspect, prune.
     Image {
         /// The image store (default: /var/lib/stagehand as root, $XDG_DATA_HOME/stagehand otherwise).
         #[arg(long = "root", value_name = "DIR", global = true)]

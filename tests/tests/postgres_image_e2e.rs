@@ -27,11 +27,13 @@ const PIPELINE_TIMEOUT: Duration = Duration::from_secs(50);
 #[test]
 fn kubernetes_health_check_example_runs_with_postgres_containers() {
     require_root();
+    let started = std::time::Instant::now();
     let image = cached_rootfs();
     match image.built_in {
         Some(t) => eprintln!("postgres rootfs: built in {:.1} s", t.as_secs_f64()),
         None => eprintln!("postgres rootfs: cached at {}", image.tar.display()),
     }
+    eprintln!("[{:.1} s] rootfs ready", started.elapsed().as_secs_f64());
     let ws = Workspace::new();
     let store = PgStore::import(&image.tar, ws.marker());
     eprintln!(
@@ -83,5 +85,7 @@ fn kubernetes_health_check_example_runs_with_postgres_containers() {
         );
     }
 
+    let checks = std::time::Instant::now();
     assert_container_run_gone(&out, ws.marker(), &store.root());
+    eprintln!("leftover checks took {:.1} s", checks.elapsed().as_secs_f64());
 }
