@@ -814,11 +814,42 @@ impl StageRun {
             }
             return;
         }
-        if let Err(why) = self.wait_for_services(s).await {
-            if self.cancel.is_cancelled() {
-                return self.skip(s, "stage aborted");
+        // The step's timeout covers its whole life, waiting for services included: a step
+        // never waits past it for a service that is slow to come up.
+        let waiting = Instant::now();
+        let waited = match resolved.timeout {
+            Some(limit) => tokio::time::timeout(limit, self.wait_for_services(s)).await,
+            None => Ok(self.wait_for_services(s).await),
+        };
+        match waited {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => {
+                if self.cancel.is_cancelled() {
+                    return self.skip(s, "stage aborted");
+                }
+                return self.skip(s, &why);
             }
-            return self.skip(s, &why);
+            Err(_) => {
+                let starting: Vec<String> = self
+                    .services
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                    .filter(|e| *e.state.borrow() == ServiceState::Starting)
+                    .map(|e| e.id.clone())
+                    .collect();
+                self.console.step_start(&s.id, "did not start");
+                let limit = resolved.timeout.map(crate::units::format_duration).unwrap_or_default();
+                let msg = format!("timed out after {limit} waiting for {} (starting)", starting.join(", "));
+                return self.finish_failure(s, waiting, 1, FailKind::Timeout, msg).await;
+            }
+        }
+        // What the wait used comes off the step's timeout (a wait too short to matter does not
+        // change the limit the user sees in messages).
+        let mut resolved = resolved;
+        let waited = waiting.elapsed();
+        if waited >= Duration::from_millis(10) {
+            resolved.timeout = resolved.timeout.map(|t| t.saturating_sub(waited).max(Duration::from_millis(1)));
         }
         // The step's own time starts now, not while it waited for services.
         let started = Instant::now();

@@ -511,6 +511,23 @@ async fn a_service_that_cannot_start_fails_the_stage() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_step_timeout_covers_waiting_for_services() {
+    let mut f = Fake::default();
+    f.scripts.insert("slow".into(), script(vec![ok()], 10_000));
+    let yaml = stage(&format!(
+        "        - step: {{identifier: slow, type: Background, spec: {{command: x}}}}\n{}",
+        run_step("impatient", "            timeout: 1s\n")
+    ));
+    let t0 = tokio::time::Instant::now();
+    let (r, fake) = run_stage(&yaml, f).await;
+    assert_eq!(r.status, StageStatus::Failed);
+    assert_eq!(verdicts(&r)[1], "impatient TIMED OUT");
+    assert_eq!(r.results[1].message.as_deref(), Some("timed out after 1s waiting for slow (starting)"));
+    assert!(fake.log.lock().unwrap().iter().all(|e| e.1 != "impatient"), "never started");
+    assert!(tokio::time::Instant::now() - t0 < Duration::from_secs(2));
+}
+
+#[tokio::test(start_paused = true)]
 async fn run_steps_wait_for_services_to_be_ready() {
     let mut f = Fake::default();
     f.scripts.insert("slow".into(), script(vec![ok()], 700));
