@@ -89,6 +89,8 @@ pub enum ImageCmd {
         #[arg(long = "env", value_name = "KEY=VALUE")]
         env: Vec<String>,
     },
+    /// Give an image another name (no copy).
+    Tag { image: String, name: String },
     /// List images.
     Ls,
     /// Remove images by name or id.
@@ -543,6 +545,11 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
             let options = RunOptions { workspace: workspace.clone(), skip_unsupported: a.file.skip_unsupported, run_dir: Some(run_dir.clone()) };
             let sr = StageRun::new(plan, run.clone(), info, exec, console.clone(), options, cancel.clone());
             let report = sr.run().await;
+            // An EmptyDir lives as long as its stage (as with a Kubernetes pod); container
+            // bundles and upper dirs are already unmounted by teardown.
+            for d in ["volumes", "containers"] {
+                let _ = std::fs::remove_dir_all(run_dir.join(d).join(&report.identifier));
+            }
             console.stage_end(&summary(&report), stage_json(&report));
             if report.status != StageStatus::Success {
                 any_failed = true;
@@ -630,6 +637,15 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
             };
             let id = archive::import(&store, &source, &opts).with_context(|| format!("import {}", source.display()))?;
             println!("imported {tag} ({})", id.short());
+        }
+        ImageCmd::Tag { image, name } => {
+            let Some(id) = store.resolve(&image)? else {
+                eprintln!("no image `{image}` in {}", root.display());
+                return Ok(EXIT_FAILED);
+            };
+            let reference = stagehand_oci::store::parse_reference(&name)?;
+            store.tag(&reference, &id)?;
+            println!("tagged {} as {}", id.short(), stagehand_oci::store::name_of(&reference).unwrap_or(name));
         }
         ImageCmd::Ls => {
             let list = store.list()?;

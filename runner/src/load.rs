@@ -397,7 +397,7 @@ impl Loader<'_> {
         // Only `spec.volumes` means something locally; the rest (cluster, namespace, pool) is
         // Harness infrastructure and is ignored as a whole.
         let mut out = Vec::new();
-        self.diags.ignore("infrastructure");
+        self.diags.ignore("infrastructure (all but spec.volumes)");
         let Some(vols) = infra.get("spec").and_then(|s| s.get("volumes")) else { return out };
         for v in self.seq(vols, "`infrastructure.spec.volumes`") {
             let ty = v.get("type").and_then(|t| t.as_text()).unwrap_or_default();

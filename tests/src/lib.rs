@@ -7,3 +7,4 @@ pub mod images;
 pub mod readiness;
 pub mod pgimage;
 pub mod registry;
+pub mod faults;

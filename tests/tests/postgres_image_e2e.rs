@@ -27,13 +27,11 @@ const PIPELINE_TIMEOUT: Duration = Duration::from_secs(50);
 #[test]
 fn kubernetes_health_check_example_runs_with_postgres_containers() {
     require_root();
-    let started = std::time::Instant::now();
     let image = cached_rootfs();
     match image.built_in {
         Some(t) => eprintln!("postgres rootfs: built in {:.1} s", t.as_secs_f64()),
         None => eprintln!("postgres rootfs: cached at {}", image.tar.display()),
     }
-    eprintln!("[{:.1} s] rootfs ready", started.elapsed().as_secs_f64());
     let ws = Workspace::new();
     let store = PgStore::import(&image.tar, ws.marker());
     eprintln!(
@@ -64,12 +62,16 @@ fn kubernetes_health_check_example_runs_with_postgres_containers() {
             out.dump()
         );
     }
-    // The servers really came from the entrypoint (initdb on the EmptyDir, then postgres).
-    for id in ["sg1_Background_1", "sg2_Background_2"] {
+    // The servers really came from the entrypoint: initdb in PGDATA, the EmptyDir volume.
+    for (id, pgdata) in [
+        ("sg1_Background_1", "/tmp/pgdata1"),
+        ("sg2_Background_2", "/tmp/pgdata2"),
+    ] {
         let log = out.log(id);
         assert!(
-            log.contains("PostgreSQL init process complete"),
-            "{id} did not initialise its PGDATA:\n{log}"
+            log.contains(&format!("initdb in {pgdata}"))
+                && log.contains("PostgreSQL init process complete"),
+            "{id} did not initialise {pgdata}:\n{log}"
         );
     }
     // SIGTERM reached the postmaster through the container's init (a smart shutdown).
@@ -87,5 +89,8 @@ fn kubernetes_health_check_example_runs_with_postgres_containers() {
 
     let checks = std::time::Instant::now();
     assert_container_run_gone(&out, ws.marker(), &store.root());
-    eprintln!("leftover checks took {:.1} s", checks.elapsed().as_secs_f64());
+    eprintln!(
+        "leftover checks took {:.1} s",
+        checks.elapsed().as_secs_f64()
+    );
 }
