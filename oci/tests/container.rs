@@ -282,21 +282,25 @@ impl Prepared {
 
     fn run(&self, c: &ContainerSpec) -> Output {
         let argv = self.run_argv(c);
-        Command::new(&argv[0])
+        let out = Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(Stdio::null())
             .output()
-            .unwrap()
+            .unwrap();
+        // `run --keep` leaves the stopped container for the caller: delete it, as stagehand does.
+        let control = Control::new(&self.runtime, &exec_std);
+        let kept = control.state(&self.guard.id).unwrap();
+        assert_eq!(kept.map(|s| s.status), Some("stopped".to_string()), "run --keep keeps the container");
+        control.delete(&self.guard.id, true).unwrap();
+        out
     }
 
     /// Tears down and checks nothing of this test is left on the system.
     fn finish(self, netns: NetnsGuard) {
         let control = Control::new(&self.runtime, &exec_std);
-        assert_eq!(
-            control.state(&self.guard.id).unwrap(),
-            None,
-            "runc run deletes the container"
-        );
+        // A container still kept from the last run (one not started through `run`) goes too.
+        control.delete(&self.guard.id, true).unwrap();
+        assert_eq!(control.state(&self.guard.id).unwrap(), None, "delete removes it");
         self.rootfs.remove().unwrap();
         let netns_path = netns.path();
         drop(netns);

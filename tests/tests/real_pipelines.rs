@@ -62,6 +62,14 @@ const PIPELINE_FAULTS: &[(&str, &str)] = &[
     ),
 ];
 
+/// The tests of this file run one at a time: the timing test must not share the two cores
+/// with the others' 58 stagehand processes (a timing, not a throughput, claim).
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn corpus_dir() -> PathBuf {
     let dir = workspace_root().join("../shared/corpus/harness-pipelines");
     assert!(
@@ -182,6 +190,7 @@ fn render_pins(outcomes: &[(String, Outcome)]) -> String {
 
 #[test]
 fn every_real_pipeline_outcome_is_pinned_and_nothing_panics() {
+    let _serial = serial();
     let outcomes: Vec<(String, Outcome)> = corpus_files()
         .iter()
         .map(|f| (name_of(f), validate(f)))
@@ -268,6 +277,7 @@ fn line_diff(want: &str, got: &str) -> String {
 
 #[test]
 fn errors_are_only_unsupported_items_except_in_pipelines_with_faults() {
+    let _serial = serial();
     let mut failures = Vec::new();
     for f in corpus_files() {
         let name = name_of(&f);
@@ -348,6 +358,7 @@ fn run_and_background_only(file: &Path) -> bool {
 
 #[test]
 fn run_and_background_pipelines_validate_cleanly() {
+    let _serial = serial();
     let files: Vec<PathBuf> = corpus_files()
         .into_iter()
         .filter(|f| run_and_background_only(f))
@@ -395,6 +406,7 @@ fn validate_in_process(path: &Path, source: &str) -> Diagnostics {
 /// is the work itself rather than process start or a busy neighbour.
 #[test]
 fn the_largest_pipeline_validates_in_under_200ms() {
+    let _serial = serial();
     let (biggest, source) = corpus_files()
         .into_iter()
         .map(|f| {
