@@ -49,6 +49,20 @@ pub enum Command {
     Gc,
     /// List running stages and their services.
     Ps,
+    /// Internal: run one container as a containerd task in the foreground (the containerd
+    /// backend's stand-in for `runc run`).
+    #[cfg(feature = "containerd")]
+    #[command(name = "__containerd-run", hide = true)]
+    ContainerdRun {
+        #[arg(long)]
+        address: PathBuf,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        bundle: PathBuf,
+    },
     /// Manage the image store: load, import, pull, ls, rm, inspect, prune.
     Image {
         /// The image store (default: /var/lib/stagehand as root, $XDG_DATA_HOME/stagehand otherwise).
@@ -181,6 +195,31 @@ pub struct RunArgs {
     /// The OCI runtime for container steps: `runc` (default), `crun`, or a path.
     #[arg(long, value_name = "NAME|PATH")]
     pub runtime: Option<String>,
+    /// What runs container steps: `runc` (stagehand runs the runtime itself, no daemon) or
+    /// `containerd` (tasks through containerd's API; needs a build with `--features containerd`).
+    #[arg(long, value_enum, default_value = "runc", env = "STAGEHAND_BACKEND")]
+    pub backend: BackendArg,
+    /// containerd's socket, for `--backend containerd`.
+    #[arg(long, value_name = "SOCKET", default_value = "/run/containerd/containerd.sock", env = "STAGEHAND_CONTAINERD_ADDRESS")]
+    pub containerd_address: PathBuf,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendArg {
+    Runc,
+    Containerd,
+}
+
+/// containerd's namespace for everything stagehand creates there.
+const CONTAINERD_NAMESPACE: &str = "stagehand";
+
+impl RunArgs {
+    fn backend(&self) -> crate::exec::container::Backend {
+        match self.backend {
+            BackendArg::Runc => crate::exec::container::Backend::Runc,
+            BackendArg::Containerd => crate::exec::container::Backend::Containerd { address: self.containerd_address.clone(), namespace: CONTAINERD_NAMESPACE.into() },
+        }
+    }
 }
 
 impl RunArgs {
@@ -217,6 +256,8 @@ pub fn main() -> i32 {
         Command::Gc => gc_cmd(),
         Command::Image { root, cmd } => image_cmd(root.unwrap_or_else(default_image_root), cmd),
         Command::Ps => ps_cmd(),
+        #[cfg(feature = "containerd")]
+        Command::ContainerdRun { address, namespace, id, bundle } => Ok(crate::exec::containerd::run_task(&address, &namespace, &id, &bundle)),
     };
     match result {
         Ok(code) => code,
@@ -413,9 +454,16 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
     stagehand_supervisor::reaper::install().context("install the process reaper")?;
 
     // Undo whatever earlier runs killed with SIGKILL left behind.
-    for r in stagehand_supervisor::stage::gc(&run_dir_base()) {
+    let dead = stagehand_supervisor::stage::gc(&run_dir_base());
+    for r in &dead {
         for e in &r.errors {
             eprintln!("stagehand: cleaning up run {}: {e}", r.run_id);
+        }
+    }
+    if a.backend == BackendArg::Containerd {
+        let (_, errors) = containerd_gc(&a.containerd_address, &dead);
+        for e in errors {
+            eprintln!("stagehand: cleaning up containerd: {e}");
         }
     }
     let run_id = new_run_id();
@@ -527,7 +575,8 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
             let exec = match HostExecutor::new(steps_dir, a.stop_timeout, sandbox, limits) {
                 Ok(e) if uses_images => {
                     let volumes: Vec<String> = plan.volumes.iter().map(|v| v.mount_path.clone()).collect();
-                    let c = Containers::new(&a.image_root(), a.runtime.as_deref().map(std::ffi::OsStr::new), &run_dir, &run_id, &plan.identifier, &volumes);
+                    let c = Containers::new(&a.image_root(), a.runtime.as_deref().map(std::ffi::OsStr::new), &run_dir, &run_id, &plan.identifier, &volumes)
+                        .and_then(|c| c.with_backend(a.backend()));
                     Arc::new(e.with_containers(c))
                 }
                 Ok(e) => Arc::new(e),
@@ -635,7 +684,11 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
                 working_dir: None,
                 user: None,
             };
-            let id = archive::import(&store, &source, &opts).with_context(|| format!("import {}", source.display()))?;
+            // Like `pull`: a failure here (a full disk) is not invalid input.
+            let id = match archive::import(&store, &source, &opts) {
+                Ok(id) => id,
+                Err(e) => { eprintln!("stagehand: import {}: {e}", source.display()); return Ok(EXIT_FAILED); }
+            };
             println!("imported {tag} ({})", id.short());
         }
         ImageCmd::Tag { image, name } => {
@@ -696,9 +749,32 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
+/// Delete the containerd containers and tasks of the runs `dead` (those killed with SIGKILL):
+/// (what was removed, errors). Nothing without the `containerd` feature or the socket.
+fn containerd_gc(address: &Path, dead: &[stagehand_supervisor::stage::GcReport]) -> (Vec<String>, Vec<String>) {
+    #[cfg(feature = "containerd")]
+    {
+        let ids: Vec<String> = dead.iter().map(|r| r.run_id.clone()).collect();
+        crate::exec::containerd::gc(address, CONTAINERD_NAMESPACE, &ids)
+    }
+    #[cfg(not(feature = "containerd"))]
+    {
+        let _ = (address, dead);
+        (Vec::new(), Vec::new())
+    }
+}
+
 fn gc_cmd() -> Result<i32> {
     let reports = stagehand_supervisor::stage::gc(&run_dir_base());
-    let mut failed = false;
+    let address = std::env::var_os("STAGEHAND_CONTAINERD_ADDRESS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
+    let (removed, errors) = containerd_gc(&address, &reports);
+    for id in &removed {
+        println!("containerd: removed container {id}");
+    }
+    for e in &errors {
+        eprintln!("{e}");
+    }
+    let mut failed = !errors.is_empty();
     for r in &reports {
         for what in &r.removed {
             println!("run {}: removed {what}", r.run_id);
@@ -708,7 +784,7 @@ fn gc_cmd() -> Result<i32> {
             eprintln!("run {}: {e}", r.run_id);
         }
     }
-    if reports.is_empty() {
+    if reports.is_empty() && removed.is_empty() {
         println!("nothing to clean up");
     }
     Ok(if failed { EXIT_FAILED } else { EXIT_OK })

@@ -108,6 +108,8 @@ impl Console {
 
     /// The end of a stage: the summary text, or a `stage_finished` event with the report.
     pub fn stage_end(&self, summary: &str, report: serde_json::Value) {
+        // The stage's steps are done: their log files must not stay open for the whole run.
+        self.files.lock().unwrap_or_else(|e| e.into_inner()).clear();
         if self.json {
             let mut m = match report {
                 serde_json::Value::Object(m) => m,

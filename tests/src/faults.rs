@@ -15,14 +15,13 @@
 //! Everything a helper creates on the system is named `stagehand-e2e-*`, and the tmpfs mount
 //! is detached by its guard, also when a test fails.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
 
 use nix::mount::{MntFlags, MsFlags};
 
@@ -30,11 +29,14 @@ use crate::e2e::tests_dir;
 use crate::images::image_cmd;
 use crate::registry::assert_store_clean;
 
-/// A tmpfs of a fixed size mounted at `<temp dir>/stagehand-e2e-tmpfs-*/store`, for an image
-/// store whose disk fills up. Dropping it detaches the mount (lazily, should a process still
-/// use it) and removes the directory.
+/// A tmpfs of a fixed size mounted at `<temp dir>/stagehand-e2e-tmpfs-*/disk`, holding an
+/// image store (`disk/store`) whose disk fills up. The store is a directory on the tmpfs, not
+/// the mount point itself, so a check for mounts left inside a store does not see the disk.
+/// Dropping it detaches the mount (lazily, should a process still use it) and removes the
+/// directory.
 pub struct TmpfsStore {
     dir: Option<tempfile::TempDir>,
+    disk: PathBuf,
     root: PathBuf,
     mounted: bool,
 }
@@ -47,26 +49,28 @@ impl TmpfsStore {
             .prefix("stagehand-e2e-tmpfs-")
             .tempdir()
             .expect("create a dir for the tmpfs store");
-        let root = dir.path().join("store");
-        std::fs::create_dir(&root).expect("create the tmpfs mount point");
+        let disk = dir.path().join("disk");
+        std::fs::create_dir(&disk).expect("create the tmpfs mount point");
         let mut guard = TmpfsStore {
             dir: Some(dir),
-            root,
+            root: disk.join("store"),
+            disk,
             mounted: false,
         };
         nix::mount::mount(
             Some("stagehand-e2e-tmpfs"),
-            &guard.root,
+            &guard.disk,
             Some("tmpfs"),
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
             Some(format!("size={size},mode=0755").as_str()),
         )
-        .unwrap_or_else(|e| panic!("mount a {size} tmpfs on {}: {e}", guard.root.display()));
+        .unwrap_or_else(|e| panic!("mount a {size} tmpfs on {}: {e}", guard.disk.display()));
         guard.mounted = true;
+        std::fs::create_dir(&guard.root).expect("create the store on the tmpfs");
         guard
     }
 
-    /// The store directory (the mount point).
+    /// The store directory (on the tmpfs).
     pub fn root(&self) -> &Path {
         &self.root
     }
@@ -75,8 +79,8 @@ impl TmpfsStore {
 impl Drop for TmpfsStore {
     fn drop(&mut self) {
         if self.mounted {
-            if let Err(e) = nix::mount::umount2(&self.root, MntFlags::MNT_DETACH) {
-                eprintln!("faults: could not unmount {}: {e}", self.root.display());
+            if let Err(e) = nix::mount::umount2(&self.disk, MntFlags::MNT_DETACH) {
+                eprintln!("faults: could not unmount {}: {e}", self.disk.display());
                 // Removing the directory now would reach into the mount.
                 if let Some(d) = self.dir.take() {
                     let _ = d.keep();
@@ -183,9 +187,16 @@ pub fn rootfs_with_big_file(src: &Path, dst: &Path, size: usize) {
         .arg(dst)
         .status()
         .expect("run cp -a");
-    assert!(status.success(), "cp -a {} {}: {status}", src.display(), dst.display());
+    assert!(
+        status.success(),
+        "cp -a {} {}: {status}",
+        src.display(),
+        dst.display()
+    );
     // Not all zeros, so no filesystem keeps it sparse.
-    let chunk: Vec<u8> = (0..1 << 20).map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8).collect();
+    let chunk: Vec<u8> = (0..1 << 20)
+        .map(|i: u32| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
     let mut f = std::fs::File::create(dst.join("big")).expect("create /big");
     let mut left = size;
     while left > 0 {
@@ -200,7 +211,10 @@ pub fn rootfs_with_big_file(src: &Path, dst: &Path, size: usize) {
 pub fn failing_runtime(path: &Path, message: &str) {
     std::fs::write(
         path,
-        format!("#!/bin/sh\necho '{}' >&2\nexit 1\n", message.replace('\'', "")),
+        format!(
+            "#!/bin/sh\necho '{}' >&2\nexit 1\n",
+            message.replace('\'', "")
+        ),
     )
     .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
@@ -265,7 +279,12 @@ impl Drop for SilentRegistry {
         self.stop.store(true, Ordering::SeqCst);
         // Wake the accept loop so it sees `stop`.
         let _ = TcpStream::connect(self.addr);
-        for c in self.conns.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+        for c in self
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
             let _ = c.shutdown(Shutdown::Both);
         }
         if let Some(t) = self.thread.take() {
@@ -279,21 +298,6 @@ pub fn open_fds(pid: i32) -> Option<usize> {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .ok()
         .map(|d| d.count())
-}
-
-/// Send `request` to 127.0.0.1:`port` and return the whole answer (empty on any error).
-pub fn tcp_exchange(port: u16, request: &[u8]) -> Vec<u8> {
-    let Ok(mut s) = TcpStream::connect_timeout(
-        &SocketAddr::from(([127, 0, 0, 1], port)),
-        Duration::from_secs(2),
-    ) else {
-        return Vec::new();
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let _ = s.write_all(request);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    out
 }
 
 /// How many Background services `load-services.yaml` starts.
@@ -364,8 +368,8 @@ pub fn load_stages_yaml() -> String {
         "# 20 stages in a row. Each: `web_NN`, an HTTP server published on the host's 127.0.0.1:18620\n\
          # (so a forwarder left by one stage makes the next fail), and `probe_NN`, which fetches a\n\
          # page and prints how many file descriptors stagehand has open (the test writes\n\
-         # stagehand's pid to `stagehand.pid` in the workspace). Step ids differ per stage, as\n\
-         # they do in real pipelines. `marker` (set with --var) tags every argv.",
+         # stagehand's pid to `stagehand.pid` in the workspace). Step ids differ per stage, so a\n\
+         # descriptor held per step (a log file) would add up. `marker` (--var) tags every argv.",
     );
     for i in 1..=LOAD_STAGES {
         let n = format!("{i:02}");
@@ -408,7 +412,8 @@ pub fn load_parallel_yaml() -> String {
 pub fn generated_pipeline(name: &str, generated: &str) -> PathBuf {
     let path = tests_dir().join("pipelines").join(name);
     if std::env::var_os("STAGEHAND_E2E_REGENERATE").is_some() {
-        std::fs::write(&path, generated).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        std::fs::write(&path, generated)
+            .unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
     }
     let on_disk = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(
@@ -423,6 +428,8 @@ pub fn generated_pipeline(name: &str, generated: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
+    use std::time::Duration;
 
     #[test]
     fn load_pipelines_match_their_generators() {
@@ -443,12 +450,40 @@ mod tests {
         let stages = load_stages_yaml();
         assert_eq!(stages.matches("- stage:").count(), LOAD_STAGES);
         assert_eq!(
-            stages.matches(&format!("\"{LOAD_STAGES_PORT}\": \"8080\"")).count(),
+            stages
+                .matches(&format!("\"{LOAD_STAGES_PORT}\": \"8080\""))
+                .count(),
             LOAD_STAGES
         );
         let parallel = load_parallel_yaml();
         assert_eq!(parallel.matches("- parallel:").count(), 1);
-        assert_eq!(parallel.matches("type: Run").count(), LOAD_PARALLEL_STEPS + 1);
+        assert_eq!(
+            parallel.matches("type: Run").count(),
+            LOAD_PARALLEL_STEPS + 1
+        );
+    }
+
+    #[test]
+    fn tmpfs_store_fills_up_and_is_gone_after_drop() {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "mounting a tmpfs needs root (the e2e suites run as root)"
+        );
+        let t = TmpfsStore::mount("1m");
+        let root = t.root().to_path_buf();
+        let disk = root.parent().unwrap().to_path_buf();
+        let mounted = |p: &Path| {
+            std::fs::read_to_string("/proc/mounts")
+                .unwrap()
+                .lines()
+                .any(|l| l.split_whitespace().nth(1) == Some(p.to_str().unwrap()))
+        };
+        assert!(mounted(&disk) && !mounted(&root));
+        let err = std::fs::write(root.join("f"), vec![1u8; 2 << 20]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+        drop(t);
+        assert!(!mounted(&disk));
+        assert!(!disk.exists());
     }
 
     #[test]
@@ -484,12 +519,17 @@ mod tests {
         let r = SilentRegistry::start();
         let port: u16 = r.host().rsplit(':').next().unwrap().parse().unwrap();
         let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
-        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         let mut buf = [0u8; 16];
         let err = s.read(&mut buf).unwrap_err();
         assert!(
-            matches!(err.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut),
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
             "{err}"
         );
         assert_eq!(r.accepted(), 1);
@@ -509,12 +549,41 @@ mod tests {
         assert_eq!(String::from_utf8_lossy(&out.stderr), "broken on purpose\n");
     }
 
+    /// A `sleep` with `extra` more descriptors than it inherits, once it has exec'd.
+    fn sleeper(extra: usize) -> std::process::Child {
+        let redirs: Vec<String> = (0..extra).map(|i| format!("{}</dev/null", 7 + i)).collect();
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("exec sleep 30 {}", redirs.join(" ")))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Until then it may still hold the parent's close-on-exec descriptors.
+        let cmdline = format!("/proc/{}/cmdline", child.id());
+        while !std::fs::read(&cmdline)
+            .unwrap_or_default()
+            .starts_with(b"sleep\0")
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        child
+    }
+
     #[test]
-    fn open_fds_of_this_process() {
-        let before = open_fds(std::process::id() as i32).unwrap();
-        let f = std::fs::File::open("/proc/self/status").unwrap();
-        assert!(open_fds(std::process::id() as i32).unwrap() > before);
-        drop(f);
+    fn open_fds_counts_a_processs_descriptors() {
+        // Children, not this process: the harness's other threads open and close files; and
+        // both inherit whatever cargo passed down (its jobserver), so only the difference counts.
+        let (mut a, mut b) = (sleeper(0), sleeper(2));
+        let (na, nb) = (open_fds(a.id() as i32), open_fds(b.id() as i32));
+        for c in [&mut a, &mut b] {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let na = na.expect("the first sleeper's fds");
+        assert!(na >= 3, "{na}");
+        assert_eq!(nb, Some(na + 2));
         assert_eq!(open_fds(-1), None);
     }
 }

@@ -40,7 +40,21 @@ pub struct Containers {
     id_prefix: String,
     /// EmptyDir volumes of the stage: (host directory, mount path).
     volumes: Vec<(PathBuf, String)>,
+    backend: Backend,
 }
+
+/// What runs the containers: runc as stagehand's child, or containerd's API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Backend {
+    /// `runc run` in the foreground (the daemonless default).
+    #[default]
+    Runc,
+    /// containerd's tasks, through its socket, in `namespace`.
+    Containerd { address: PathBuf, namespace: String },
+}
+
+/// The error for `--backend containerd` in a build without the `containerd` feature.
+pub const NO_CONTAINERD: &str = "this stagehand was built without containerd support: cargo build --features containerd";
 
 /// A prepared container: its bundle and root filesystem, until cleanup.
 pub struct Container {
@@ -69,7 +83,23 @@ impl Containers {
             let _ = std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o777));
             vols.push((host_dir, mount.clone()));
         }
-        Ok(Containers { store, runtime, host, init, dir, id_prefix: format!("stagehand-{run_id}"), volumes: vols })
+        Ok(Containers { store, runtime, host, init, dir, id_prefix: format!("stagehand-{run_id}"), volumes: vols, backend: Backend::Runc })
+    }
+
+    /// Run containers through `backend`. For containerd, checks now that it answers and is
+    /// recent enough, so a stage fails before its first step with the reason and the fix.
+    pub fn with_backend(mut self, backend: Backend) -> Result<Containers, String> {
+        if let Backend::Containerd { address, .. } = &backend {
+            #[cfg(feature = "containerd")]
+            super::containerd::check(address)?;
+            #[cfg(not(feature = "containerd"))]
+            {
+                let _ = address;
+                return Err(NO_CONTAINERD.into());
+            }
+        }
+        self.backend = backend;
+        Ok(self)
     }
 
     /// Bundle, root filesystem and the runtime's argv for one step.
@@ -216,7 +246,10 @@ impl Containers {
         cs.init = self.init.clone();
         let built = spec::build(&cs, &self.host).map_err(|e| format!("container spec for {}: {e}", step.id))?;
         spec::write_bundle(&c.dir, &built).map_err(|e| format!("bundle for {}: {e}", step.id))?;
-        Ok((self.runtime.run_argv(&c.dir, &c.id), outputs))
+        match &self.backend {
+            Backend::Runc => Ok((self.runtime.run_argv(&c.dir, &c.id), outputs)),
+            Backend::Containerd { address, namespace } => Ok((containerd_argv(address, namespace, &c.dir, &c.id)?, outputs)),
+        }
     }
 
     /// Delete the runtime's record, unmount and remove the root filesystem and bundle.
@@ -228,8 +261,22 @@ impl Containers {
             let out = process::run_output(argv, env, "/").map_err(|e| std::io::Error::other(e.to_string()))?;
             Ok(std::process::Output { status: std::os::unix::process::ExitStatusExt::from_raw(out.status.exit_code() << 8), stdout: out.stdout, stderr: out.stderr })
         };
-        if let Err(e) = Control::new(&self.runtime, &exec).delete(&c.id, true) {
-            errors.push(e.to_string());
+        match &self.backend {
+            Backend::Runc => {
+                if let Err(e) = Control::new(&self.runtime, &exec).delete(&c.id, true) {
+                    errors.push(e.to_string());
+                }
+            }
+            // The helper deletes its task and container when it ends; this is for when it
+            // was killed (SIGKILL after the grace period) or never got that far.
+            #[cfg(feature = "containerd")]
+            Backend::Containerd { address, namespace } => {
+                if let Err(e) = super::containerd::remove(address, namespace, &c.id, &c.dir) {
+                    errors.push(e);
+                }
+            }
+            #[cfg(not(feature = "containerd"))]
+            Backend::Containerd { .. } => errors.push(NO_CONTAINERD.into()),
         }
         let rootfs = c.rootfs.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(r) = rootfs {
@@ -250,7 +297,12 @@ impl Containers {
 impl Containers {
     /// `runtime exec ID` for running a probe inside a container.
     pub(crate) fn exec_argv(&self, id: &str) -> Vec<OsString> {
-        vec![self.runtime.binary().into(), "--root".into(), self.runtime.state_root().into(), "exec".into(), id.into()]
+        let root: OsString = match &self.backend {
+            Backend::Runc => self.runtime.state_root().into(),
+            // containerd's runc shim keeps its runc state per namespace there.
+            Backend::Containerd { namespace, .. } => Path::new("/run/containerd/runc").join(namespace).into(),
+        };
+        vec![self.runtime.binary().into(), "--root".into(), root, "exec".into(), id.into()]
     }
 
     /// The image's Docker `HEALTHCHECK` (from its config), as a health check; `None` when it
@@ -262,6 +314,31 @@ impl Containers {
         let v: serde_json::Value = serde_json::from_slice(&raw).ok()?;
         docker_healthcheck(v.get("config")?.get("Healthcheck")?)
     }
+}
+
+/// `stagehand __containerd-run ...`: the helper that runs one container as a containerd task
+/// in the foreground, standing in for `runc run` as the host executor's child.
+#[cfg(feature = "containerd")]
+fn containerd_argv(address: &Path, namespace: &str, bundle: &Path, id: &str) -> Result<Vec<OsString>, String> {
+    super::containerd::adapt_bundle(bundle).map_err(|e| e.to_string())?;
+    let me = std::env::current_exe().map_err(|e| format!("find the stagehand binary for the containerd helper: {e}"))?;
+    Ok(vec![
+        me.into(),
+        "__containerd-run".into(),
+        "--address".into(),
+        address.into(),
+        "--namespace".into(),
+        namespace.into(),
+        "--id".into(),
+        id.into(),
+        "--bundle".into(),
+        bundle.into(),
+    ])
+}
+
+#[cfg(not(feature = "containerd"))]
+fn containerd_argv(_: &Path, _: &str, _: &Path, _: &str) -> Result<Vec<OsString>, String> {
+    Err(NO_CONTAINERD.into())
 }
 
 /// Docker's `Healthcheck` config: `Test` (`["CMD", ...]`, `["CMD-SHELL", "..."]`, `["NONE"]`),

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::model::{PullPolicy, Shell};
 
 pub mod container;
+#[cfg(feature = "containerd")]
+pub mod containerd;
 pub mod host;
 
 /// A step ready to run: nothing left to evaluate.
