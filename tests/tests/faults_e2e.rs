@@ -607,6 +607,11 @@ fn container_step_timeout_covers_pulling_its_image() {
             .arg("--var")
             .arg("timeout=2s"),
     );
+    // Should it hang, the guard SIGKILLs stagehand: this removes what that leaves.
+    let _dir = RunDirGuard::new(
+        &run_id_of_pid(running.pid(), Duration::from_secs(5)),
+        ws.marker(),
+    );
     let out = running.wait(Duration::from_secs(20));
     out.assert_code(1);
     assert!(
@@ -637,6 +642,10 @@ fn sigterm_while_an_image_pull_hangs() {
         marked_in(&ws, "fault-big-image.yaml", &store)
             .arg("--var")
             .arg(format!("image={image}")),
+    );
+    let _dir = RunDirGuard::new(
+        &run_id_of_pid(running.pid(), Duration::from_secs(5)),
+        ws.marker(),
     );
     running.wait_for_stdout("--> big running in", Duration::from_secs(15));
     let deadline = Instant::now() + Duration::from_secs(10);
