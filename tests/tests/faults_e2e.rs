@@ -16,9 +16,6 @@
 //! OOM kills and services ignoring SIGTERM (`sandbox_e2e.rs`, `host_e2e.rs`,
 //! `container_e2e.rs`), a registry dropping the connection mid-pull (`registry_e2e.rs`).
 //!
-//! Two tests are `#[ignore]`d because they fail today (see their docs): a pull from a registry
-//! that never answers is bounded neither by SIGTERM nor by the step's timeout.
-//!
 //! Needs root, runc, catatonit, busybox-static, slirp4netns, python3, pgrep, and
 //! `cargo build -p stagehand` beforehand.
 
@@ -592,7 +589,6 @@ fn sigterm_while_a_container_image_is_being_prepared() {
 /// the cancellation token, so a registry that accepts and never answers holds the stage for
 /// the pull's own timeouts (3 tries of a 60 s read timeout), whatever the step's `timeout`.
 #[test]
-#[ignore = "fails today: a container step's timeout does not cover pulling its image"]
 fn container_step_timeout_covers_pulling_its_image() {
     require_root();
     let ws = Workspace::new();
@@ -630,7 +626,6 @@ fn container_step_timeout_covers_pulling_its_image() {
 /// BUG (see the report): SIGTERM while a container step's image is being pulled from a
 /// registry that never answers is only acted on once the pull gives up (about 2 minutes).
 #[test]
-#[ignore = "fails today: SIGTERM waits for a hanging image pull to give up"]
 fn sigterm_while_an_image_pull_hangs() {
     require_root();
     let ws = Workspace::new();

@@ -103,10 +103,10 @@ impl Containers {
     }
 
     /// Bundle, root filesystem and the runtime's argv for one step.
-    pub(crate) fn prepare(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits) -> Result<(SpawnSpec, Option<PathBuf>, Container), String> {
+    pub(crate) fn prepare(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits, abort: &super::host::Abort) -> Result<(SpawnSpec, Option<PathBuf>, Container), String> {
         let image = step.image.as_deref().unwrap_or_default();
         let id = format!("{}-{}", self.id_prefix, step.id);
-        let image_id = self.image_for(step, image)?;
+        let image_id = self.image_for(step, image, abort)?;
         let dir = self.dir.join(&step.id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
@@ -143,7 +143,7 @@ impl Containers {
     /// digest, `IfNotPresent` otherwise; but when it is unset and the registry cannot be
     /// reached, an image already in the store is used with a warning, so pipelines written
     /// for a connected CI still run offline from images loaded with `stagehand image load`.
-    fn image_for(&self, step: &ResolvedStep, image: &str) -> Result<stagehand_oci::store::ImageId, String> {
+    fn image_for(&self, step: &ResolvedStep, image: &str, abort: &super::host::Abort) -> Result<stagehand_oci::store::ImageId, String> {
         let local = self.store.resolve(image).map_err(|e| format!("image `{image}`: {e}"))?;
         let (policy, defaulted) = effective_policy(step.pull_policy, image);
         let wanted = match policy {
@@ -163,7 +163,7 @@ impl Containers {
         }
         let mut opts = PullOptions::from_env().map_err(|e| e.to_string())?;
         opts.progress = Some(pull::text_progress(Box::new(std::io::stderr()), false));
-        match pull_blocking(&self.store, image, &opts) {
+        match pull_blocking(&self.store, image, &opts, abort) {
             Ok(p) => Ok(p.id),
             Err(Ok(PullError::Unreachable { registry, reason, .. })) if defaulted && local.is_some() => {
                 eprintln!(
@@ -417,10 +417,33 @@ fn unreachable_registries() -> std::sync::MutexGuard<'static, std::collections::
 /// readers, health checks) to another thread while the pull is driven on this one. Anywhere
 /// else (a current-thread runtime, no runtime) the pull gets a thread and runtime of its own.
 /// `Err(Err(_))` is a failure to set up that runtime.
-fn pull_blocking(store: &Store, image: &str, opts: &PullOptions) -> Result<pull::Pulled, Result<PullError, String>> {
+fn pull_blocking(store: &Store, image: &str, opts: &PullOptions, abort: &super::host::Abort) -> Result<pull::Pulled, Result<PullError, String>> {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| h.block_on(pull::pull(store, image, opts))).map_err(Ok),
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| {
+            // A pull from a registry that stalls must not outlive an abort or the step's
+            // timeout: dropping the pull future cancels it, and the store never shows a
+            // half-written blob.
+            h.block_on(async {
+                let cancelled = async {
+                    match &abort.cancel {
+                        Some(c) => c.cancelled().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let expired = async {
+                    match abort.deadline {
+                        Some(d) => tokio::time::sleep_until(d).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    r = pull::pull(store, image, opts) => r.map_err(Ok),
+                    _ = cancelled => Err(Err(format!("pull of `{image}` aborted"))),
+                    _ = expired => Err(Err(format!("pull of `{image}` stopped: the step timed out"))),
+                }
+            })
+        }),
         _ => std::thread::scope(|s| {
             s.spawn(|| {
                 let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Err(format!("start a runtime for the pull: {e}")))?;
@@ -483,7 +506,7 @@ mod tests {
     #[test]
     fn pull_blocking_works_in_and_outside_the_multi_thread_runtime() {
         fn check(store: &Store, image: &str) {
-            match pull_blocking(store, image, &PullOptions::default()) {
+            match pull_blocking(store, image, &PullOptions::default(), &crate::exec::host::Abort::default()) {
                 Err(Ok(e @ PullError::Unreachable { .. })) => assert!(e.to_string().contains(&format!("`{image}:latest`: connection refused")), "{e}"),
                 Err(Ok(e)) => panic!("{e}"),
                 Err(Err(e)) => panic!("{e}"),

@@ -193,9 +193,9 @@ impl HostExecutor {
         Ok((spec, outputs_file))
     }
 
-    fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<Spawned, String> {
+    fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>, abort: &Abort) -> Result<Spawned, String> {
         if step.image.is_some() {
-            return self.spawn_container(step, out);
+            return self.spawn_container(step, out, abort);
         }
         let (mut spec, outputs) = self.prepare(step)?;
         let sandbox = match self.stage() {
@@ -224,7 +224,7 @@ impl HostExecutor {
 
     /// A step with an `image`: an OCI container run by the runtime in the foreground, as our
     /// child, in the step's cgroup and the stage's network namespace.
-    fn spawn_container(&self, step: &ResolvedStep, out: Arc<dyn LineSink>) -> Result<Spawned, String> {
+    fn spawn_container(&self, step: &ResolvedStep, out: Arc<dyn LineSink>, abort: &Abort) -> Result<Spawned, String> {
         let Some(containers) = &self.containers else {
             return Err(format!("step {} runs in an image, but containers are not available here: {}", step.id, self.containers_unavailable));
         };
@@ -234,7 +234,14 @@ impl HostExecutor {
             None => None,
         };
         let limits = self.limits_for(step);
-        let prepared = containers.prepare(self, step, stage.as_deref(), &limits);
+        let prepared = containers.prepare(self, step, stage.as_deref(), &limits, abort).and_then(|p| {
+            // Aborted while the image was prepared: no runtime is started for nothing.
+            if abort.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                containers.cleanup(&p.2, stage.as_deref());
+                return Err("aborted while preparing the container".into());
+            }
+            Ok(p)
+        });
         let (spec, outputs, container) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -466,6 +473,14 @@ async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
     if status.success() { Ok(()) } else { Err(format!("`{}` {status}", e.command)) }
 }
 
+/// What may cut a step's preparation short (an image pull): the stage's abort and the step's
+/// deadline.
+#[derive(Default)]
+pub(crate) struct Abort {
+    pub cancel: Option<CancellationToken>,
+    pub deadline: Option<tokio::time::Instant>,
+}
+
 struct Spawned {
     child: Arc<Child>,
     reader: tokio::task::JoinHandle<()>,
@@ -477,11 +492,16 @@ struct Spawned {
 impl Executor for HostExecutor {
     fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
         async move {
-            let Spawned { child, reader, outputs: outputs_file, sandbox, container } = match self.spawn(step, out.clone()) {
+            // The deadline starts before the step is prepared: pulling and unpacking an image
+            // are part of the step and are bounded by its timeout and by an abort.
+            let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
+            let abort = Abort { cancel: Some(cancel.clone()), deadline };
+            let Spawned { child, reader, outputs: outputs_file, sandbox, container } = match self.spawn(step, out.clone(), &abort) {
                 Ok(x) => x,
+                Err(_) if cancel.is_cancelled() => return Outcome::Cancelled,
+                Err(_) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => return Outcome::TimedOut,
                 Err(e) => return Outcome::Error(e),
             };
-            let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
             let timed_out = async {
                 match deadline {
                     Some(d) => tokio::time::sleep_until(d).await,
@@ -544,7 +564,7 @@ impl Executor for HostExecutor {
                 Some(ResolvedProbe::Log(re)) => Arc::new(LogProbe { inner: out.clone(), re: re.clone(), tx: tx.clone(), started }),
                 _ => out.clone(),
             };
-            let Spawned { child, reader, sandbox, container, .. } = self.spawn(step, sink)?;
+            let Spawned { child, reader, sandbox, container, .. } = self.spawn(step, sink, &Abort::default())?;
             // An image's own HEALTHCHECK counts when the step sets none (Docker's rule).
             let image_health = match (&step.health_check, &container, &self.containers) {
                 (None, Some(_), Some(cs)) => step.image.as_deref().and_then(|i| cs.image_health(i)),
