@@ -21,6 +21,8 @@ pub struct Console {
     quiet: bool,
     /// `--output json`: one JSON event per line instead of text.
     json: bool,
+    /// The stage running now (stages run one after another).
+    stage: Mutex<String>,
     width: Mutex<usize>,
     logs_dir: Option<PathBuf>,
     files: Mutex<HashMap<String, File>>,
@@ -37,6 +39,7 @@ impl Console {
             color,
             quiet,
             json: false,
+            stage: Mutex::new(String::new()),
             width: Mutex::new(8),
             logs_dir,
             files: Mutex::new(HashMap::new()),
@@ -100,6 +103,10 @@ impl Console {
     }
 
     pub fn stage_start(&self, id: &str, name: &str) {
+        *self.stage.lock().unwrap_or_else(|e| e.into_inner()) = id.to_string();
+        if let Some(dir) = self.stage_logs() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         if self.json {
             return self.event("stage_started", obj([("stage", id.into()), ("name", name.into())]));
         }
@@ -158,8 +165,15 @@ impl Console {
         self.log_line(id, &format!("--- {verdict}{took}"));
     }
 
+    /// `<logs>/<stage>/`: one directory per stage, so a step id used in two stages keeps two logs.
+    fn stage_logs(&self) -> Option<PathBuf> {
+        let dir = self.logs_dir.as_ref()?;
+        let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        Some(if stage.is_empty() { dir.clone() } else { dir.join(stage) })
+    }
+
     fn log_line(&self, step: &str, line: &str) {
-        let Some(dir) = &self.logs_dir else { return };
+        let Some(dir) = self.stage_logs() else { return };
         let masked = self.secrets.mask(line);
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let f = match files.get_mut(step) {
@@ -174,7 +188,7 @@ impl Console {
 
     /// The last `n` lines of a step's log (without timestamps), for failure reports.
     pub fn tail(&self, step: &str, n: usize) -> Vec<String> {
-        let Some(dir) = &self.logs_dir else { return vec![] };
+        let Some(dir) = self.stage_logs() else { return vec![] };
         let text = std::fs::read_to_string(dir.join(format!("{step}.log"))).unwrap_or_default();
         let lines: Vec<String> = text
             .lines()

@@ -521,13 +521,25 @@ impl Finished {
         );
     }
 
-    /// The log file of step `id` (`<run dir>/logs/<id>.log`).
+    /// The log file of step `id` (`<run dir>/logs/<stage>/<id>.log`; the first stage that has one).
     pub fn log(&self, id: &str) -> String {
         let dir = self
             .run_dir
             .as_ref()
             .unwrap_or_else(|| panic!("stagehand printed no `logs:` line\n{}", self.dump()));
-        let path = dir.join("logs").join(format!("{id}.log"));
+        let logs = dir.join("logs");
+        let mut stages: Vec<PathBuf> = std::fs::read_dir(&logs)
+            .unwrap_or_else(|e| panic!("read {}: {e}", logs.display()))
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        stages.sort();
+        let path = stages
+            .iter()
+            .map(|s| s.join(format!("{id}.log")))
+            .find(|p| p.is_file())
+            .unwrap_or_else(|| panic!("no log of step {id} under {}", logs.display()));
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
 }
