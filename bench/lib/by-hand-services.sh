@@ -17,7 +17,10 @@ stop() {
     if [ -f "$dir/redis/redis.pid" ]; then
         pid=$(cat "$dir/redis/redis.pid")
         redis-cli -p "$BENCH_REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
-        while kill -0 "$pid" 2>/dev/null; do sleep 0.005; done
+        # Gone, or a zombie: daemonized, it is PID 1's child, and PID 1 may reap late.
+        while [ -e "/proc/$pid" ] && [ "$(cut -d' ' -f3 2>/dev/null </proc/"$pid"/stat)" != Z ]; do
+            sleep 0.005
+        done
     fi
 }
 trap stop EXIT

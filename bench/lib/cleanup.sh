@@ -117,6 +117,7 @@ leftovers() {
             if [ -e "$d" ] && ! existed_before "$d"; then echo "directory $d (podman)"; fi
         done
     fi
+    return 0
 }
 
 cleanup() {

@@ -4,7 +4,7 @@
 #
 # The overhead sampler of scenario 5: every 200 ms it reads /proc and records, for the
 # supervising processes of one contender, the sum of their RSS and PSS and their CPU time
-# (utime + stime, clock ticks). Which processes supervise:
+# (user + system; see below for the precision). Which processes supervise:
 #   stagehand  PID (the `stagehand run`) and its descendants named `runc` (stagehand keeps one
 #              `runc run` per container in the foreground); "self" is PID alone. Sampling stops
 #              when PID is gone.
@@ -22,25 +22,13 @@ set -euo pipefail
 
 mode=$1 target=$2 out=$3 marker=$4
 marker_cmdline=${marker// /$'\x01'}
-tick_ms=$((1000 / $(getconf CLK_TCK)))
+tick_us=$((1000000 / $(getconf CLK_TCK)))
 podman_root="$BENCH_WORK/podman"
 
-declare -A last_ticks=()
+declare -A last_us=()
 samples=0 win_samples=0 peak_rss=0 peak_pss=0 procs_max=0
-self_hwm=0 self_peak_pss=0 self_ticks=0
+self_hwm=0 self_peak_pss=0 self_us=0
 win_start_all=-1 win_start_self=-1 win_end_all=0 win_end_self=0 win_t0=0 win_t1=0
-
-# kB value of FIELD (e.g. "Pss:") in FILE, 0 when the process is gone.
-kb() {
-    local f=$1 key=$2 k v _
-    while read -r k v _; do
-        if [ "$k" = "$key" ]; then
-            echo "$v"
-            return
-        fi
-    done 2>/dev/null <"$f" || true
-    echo 0
-}
 
 cmdline_of() { tr '\0' '\001' 2>/dev/null <"/proc/$1/cmdline" || true; }
 
@@ -90,33 +78,55 @@ while :; do
             case "$(cmdline_of "$pid")" in *"$podman_root"*) sel+=("$pid") ;; esac
         done
     fi
-    rss=0 pss=0 sum_ticks=0
+    # Memory and precise CPU of the selected processes in one pass: VmRSS/VmHWM, Pss, and the
+    # sum of se.sum_exec_runtime (ms, ns precision) over their live threads. CPU of a process is
+    # the larger of that and its utime + stime (10 ms ticks, but it includes exited threads).
+    files=()
     for pid in "${sel[@]}"; do
-        [ -n "${ticks[$pid]:-}" ] || continue
-        rss=$((rss + $(kb "/proc/$pid/status" VmRSS:)))
-        pss=$((pss + $(kb "/proc/$pid/smaps_rollup" Pss:)))
-        last_ticks[$pid]=${ticks[$pid]}
-        sum_ticks=$((sum_ticks + ticks[$pid]))
+        files+=("/proc/$pid/status" "/proc/$pid/smaps_rollup" /proc/"$pid"/task/*/sched)
     done
-    if [ "$mode" = stagehand ] && [ -n "${ticks[$target]:-}" ]; then
-        h=$(kb "/proc/$target/status" VmHWM:)
-        [ "$h" -gt "$self_hwm" ] && self_hwm=$h
-        p=$(kb "/proc/$target/smaps_rollup" Pss:)
-        [ "$p" -gt "$self_peak_pss" ] && self_peak_pss=$p
-        self_ticks=${ticks[$target]}
+    declare -A m_rss=() m_hwm=() m_pss=() m_sched=()
+    while read -r pid k v; do
+        case "$k" in
+        rss) m_rss[$pid]=$v ;;
+        hwm) m_hwm[$pid]=$v ;;
+        pss) m_pss[$pid]=$v ;;
+        sched) m_sched[$pid]=$v ;;
+        esac
+    done < <([ ${#files[@]} -gt 0 ] && grep -H -E '^(VmRSS|VmHWM|Pss):|^se.sum_exec_runtime' "${files[@]}" 2>/dev/null | awk -F: '
+        { split($1, p, "/"); k = $2; gsub(/ /, "", k); v = $3 + 0 }
+        k == "VmRSS" { print p[3], "rss", v } k == "VmHWM" { print p[3], "hwm", v }
+        k == "Pss" { print p[3], "pss", v }
+        k == "se.sum_exec_runtime" { s[p[3]] += v }
+        END { for (q in s) printf "%s sched %d\n", q, s[q] * 1000 }')
+    rss=0 pss=0 sum_us=0
+    for pid in "${sel[@]}"; do
+        [ -n "${m_rss[$pid]:-}" ] || continue
+        c=$((ticks[$pid] * tick_us))
+        [ "${m_sched[$pid]:-0}" -gt "$c" ] && c=${m_sched[$pid]}
+        rss=$((rss + m_rss[$pid]))
+        pss=$((pss + ${m_pss[$pid]:-0}))
+        last_us[$pid]=$c
+        sum_us=$((sum_us + c))
+    done
+    if [ "$mode" = stagehand ] && [ -n "${m_rss[$target]:-}" ]; then
+        [ "${m_hwm[$target]:-0}" -gt "$self_hwm" ] && self_hwm=${m_hwm[$target]}
+        [ "${m_pss[$target]:-0}" -gt "$self_peak_pss" ] && self_peak_pss=${m_pss[$target]}
+        self_us=${last_us[$target]}
     fi
+    unset m_rss m_hwm m_pss m_sched
     [ "$rss" -gt "$peak_rss" ] && peak_rss=$rss
     [ "$pss" -gt "$peak_pss" ] && peak_pss=$pss
     [ "${#sel[@]}" -gt "$procs_max" ] && procs_max=${#sel[@]}
     if [ "$have_marker" = 1 ]; then
         if [ "$win_start_all" -lt 0 ]; then
-            win_start_all=$sum_ticks
-            win_start_self=$self_ticks
+            win_start_all=$sum_us
+            win_start_self=$self_us
             win_t0=$(date +%s%N)
         fi
         win_t1=$(date +%s%N)
-        win_end_all=$sum_ticks
-        win_end_self=$self_ticks
+        win_end_all=$sum_us
+        win_end_self=$self_us
         win_samples=$((win_samples + 1))
     fi
     samples=$((samples + 1))
@@ -125,18 +135,18 @@ while :; do
 done
 
 total=0
-for pid in "${!last_ticks[@]}"; do total=$((total + last_ticks[$pid])); done
+for pid in "${!last_us[@]}"; do total=$((total + last_us[$pid])); done
 if [ "$win_samples" -lt 2 ]; then
     echo "sample.sh: the window marker '$marker' was seen in $win_samples samples" >&2
     exit 1
 fi
 jq -n --argjson samples "$samples" --argjson win "$win_samples" --argjson rss "$peak_rss" \
-    --argjson pss "$peak_pss" --argjson total $((total * tick_ms)) \
-    --argjson window $(((win_end_all - win_start_all) * tick_ms)) --argjson procs "$procs_max" \
+    --argjson pss "$peak_pss" --argjson total $((total / 1000)) \
+    --argjson window $(((win_end_all - win_start_all) / 1000)) --argjson procs "$procs_max" \
     --argjson window_ms $(((win_t1 - win_t0) / 1000000)) \
     --argjson hwm "$self_hwm" --argjson spss "$self_peak_pss" \
-    --argjson stotal $((self_ticks * tick_ms)) \
-    --argjson swindow $(((win_end_self - win_start_self) * tick_ms)) --arg mode "$mode" '
+    --argjson stotal $((self_us / 1000)) \
+    --argjson swindow $(((win_end_self - win_start_self) / 1000)) --arg mode "$mode" '
     {samples: $samples, window_samples: $win, peak_rss_kb: $rss, peak_pss_kb: $pss,
      cpu_ms_total: $total, cpu_ms_window: $window, window_ms: $window_ms, procs_max: $procs}
     + if $mode == "stagehand" then

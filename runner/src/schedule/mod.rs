@@ -846,6 +846,7 @@ impl StageRun {
         }
         // What the wait used comes off the step's timeout (a wait too short to matter does not
         // change the limit the user sees in messages).
+        let limit = resolved.timeout;
         let mut resolved = resolved;
         let waited = waiting.elapsed();
         if waited >= Duration::from_millis(10) {
@@ -854,7 +855,7 @@ impl StageRun {
         // The step's own time starts now, not while it waited for services.
         let started = Instant::now();
         self.console.step_start(&s.id, &format!("running {place}"));
-        self.attempts(s, &resolved, started, sink).await;
+        self.attempts(s, &resolved, started, sink, limit).await;
         // Whatever the outcome (passed, failed, timed out, aborted): a failing test run is when
         // the report matters most, and a partial one still says how far it got.
         self.collect_reports(&resolved).await;
@@ -867,6 +868,7 @@ impl StageRun {
         resolved: &ResolvedStep,
         started: Instant,
         sink: Arc<dyn LineSink>,
+        limit: Option<Duration>,
     ) {
         let mut attempt = 1u32;
         // The retry budget of the strategy that first matched; retries re-enter the same loop.
@@ -925,10 +927,8 @@ impl StageRun {
                     FailKind::Timeout,
                     format!(
                         "timed out after {}",
-                        resolved
-                            .timeout
-                            .map(crate::units::format_duration)
-                            .unwrap_or_default()
+                        // The step's own limit, not what was left of it after waiting.
+                        limit.map(crate::units::format_duration).unwrap_or_default()
                     ),
                 ),
                 Outcome::Error(e) => (FailKind::Other, e),
