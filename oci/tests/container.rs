@@ -290,7 +290,11 @@ impl Prepared {
         // `run --keep` leaves the stopped container for the caller: delete it, as stagehand does.
         let control = Control::new(&self.runtime, &exec_std);
         let kept = control.state(&self.guard.id).unwrap();
-        assert_eq!(kept.map(|s| s.status), Some("stopped".to_string()), "run --keep keeps the container");
+        assert_eq!(
+            kept.map(|s| s.status),
+            Some("stopped".to_string()),
+            "run --keep keeps the container"
+        );
         control.delete(&self.guard.id, true).unwrap();
         out
     }
@@ -300,7 +304,11 @@ impl Prepared {
         let control = Control::new(&self.runtime, &exec_std);
         // A container still kept from the last run (one not started through `run`) goes too.
         control.delete(&self.guard.id, true).unwrap();
-        assert_eq!(control.state(&self.guard.id).unwrap(), None, "delete removes it");
+        assert_eq!(
+            control.state(&self.guard.id).unwrap(),
+            None,
+            "delete removes it"
+        );
         self.rootfs.remove().unwrap();
         let netns_path = netns.path();
         drop(netns);

@@ -18,19 +18,23 @@ use crate::context::{Codebase, Ctx, RunInfo, Secrets, StageInfo, render};
 use crate::diag::Diagnostics;
 use crate::exec::container::Containers;
 use crate::exec::host::{DefaultLimits, HostExecutor};
-use stagehand_supervisor::cgroup::Limits;
 use crate::inputs::InputValues;
 use crate::model::{Pipeline, StatusGate, VarType};
 use crate::output::Console;
 use crate::plan::{StagePlan, plan_stage};
 use crate::schedule::{RunOptions, StageRun, StageStatus, summary};
+use stagehand_supervisor::cgroup::Limits;
 
 pub const EXIT_OK: i32 = 0;
 pub const EXIT_FAILED: i32 = 1;
 pub const EXIT_INVALID: i32 = 2;
 
 #[derive(Parser, Debug)]
-#[command(name = "stagehand", version, about = "Run Harness CI pipeline stages locally, without a daemon")]
+#[command(
+    name = "stagehand",
+    version,
+    about = "Run Harness CI pipeline stages locally, without a daemon"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -200,7 +204,12 @@ pub struct RunArgs {
     #[arg(long, value_enum, default_value = "runc", env = "STAGEHAND_BACKEND")]
     pub backend: BackendArg,
     /// containerd's socket, for `--backend containerd`.
-    #[arg(long, value_name = "SOCKET", default_value = "/run/containerd/containerd.sock", env = "STAGEHAND_CONTAINERD_ADDRESS")]
+    #[arg(
+        long,
+        value_name = "SOCKET",
+        default_value = "/run/containerd/containerd.sock",
+        env = "STAGEHAND_CONTAINERD_ADDRESS"
+    )]
     pub containerd_address: PathBuf,
 }
 
@@ -217,7 +226,10 @@ impl RunArgs {
     fn backend(&self) -> crate::exec::container::Backend {
         match self.backend {
             BackendArg::Runc => crate::exec::container::Backend::Runc,
-            BackendArg::Containerd => crate::exec::container::Backend::Containerd { address: self.containerd_address.clone(), namespace: CONTAINERD_NAMESPACE.into() },
+            BackendArg::Containerd => crate::exec::container::Backend::Containerd {
+                address: self.containerd_address.clone(),
+                namespace: CONTAINERD_NAMESPACE.into(),
+            },
         }
     }
 }
@@ -247,8 +259,12 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 /// Parse arguments, run, and return the process exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG").unwrap_or_else(|_| "warn".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG")
+        .unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
     let result = match cli.command {
         Command::Validate(a) => validate_cmd(&a),
         Command::Plan(a) => plan_cmd(&a),
@@ -257,7 +273,14 @@ pub fn main() -> i32 {
         Command::Image { root, cmd } => image_cmd(root.unwrap_or_else(default_image_root), cmd),
         Command::Ps => ps_cmd(),
         #[cfg(feature = "containerd")]
-        Command::ContainerdRun { address, namespace, id, bundle } => Ok(crate::exec::containerd::run_task(&address, &namespace, &id, &bundle)),
+        Command::ContainerdRun {
+            address,
+            namespace,
+            id,
+            bundle,
+        } => Ok(crate::exec::containerd::run_task(
+            &address, &namespace, &id, &bundle,
+        )),
     };
     match result {
         Ok(code) => code,
@@ -274,7 +297,8 @@ struct Checked {
 }
 
 fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
-    let source = std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
+    let source =
+        std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
     let mut diags = Diagnostics::new(&a.file);
     let mut root = match crate::yaml::parse(&source) {
         Ok(n) => n,
@@ -287,23 +311,36 @@ fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
     };
     let mut values = InputValues::default();
     if let Some(f) = &a.inputs_file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("read inputs file {}", f.display()))?;
-        let doc = crate::yaml::parse(&text).map_err(|e| anyhow::anyhow!("{}:{}: {}", f.display(), e.pos, e.message))?;
-        values.add_input_set(&doc).map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("read inputs file {}", f.display()))?;
+        let doc = crate::yaml::parse(&text)
+            .map_err(|e| anyhow::anyhow!("{}:{}: {}", f.display(), e.pos, e.message))?;
+        values
+            .add_input_set(&doc)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", f.display()))?;
     }
     for kv in &a.inputs {
-        let (k, v) = kv.split_once('=').with_context(|| format!("--input {kv}: expected NAME=VALUE"))?;
+        let (k, v) = kv
+            .split_once('=')
+            .with_context(|| format!("--input {kv}: expected NAME=VALUE"))?;
         values.insert(k, v);
     }
     let outcome = crate::inputs::resolve(&mut root, &values, require_inputs);
     for m in &outcome.missing {
-        diags.error_hint(m.pos, format!("runtime input `{}` has no value", m.path), format!("pass --input {}=VALUE or an --inputs-file", m.path));
+        diags.error_hint(
+            m.pos,
+            format!("runtime input `{}` has no value", m.path),
+            format!("pass --input {}=VALUE or an --inputs-file", m.path),
+        );
     }
     for b in &outcome.bad {
         diags.error(b.pos, format!("input `{}`: {}", b.path, b.message));
     }
     for u in &outcome.unused {
-        diags.warning(crate::yaml::Pos { line: 1, col: 1 }, format!("--input {u} matches no <+input> in the file"));
+        diags.warning(
+            crate::yaml::Pos { line: 1, col: 1 },
+            format!("--input {u} matches no <+input> in the file"),
+        );
     }
     let pipeline = crate::load::load(&root, &mut diags);
     if let Some(p) = &pipeline {
@@ -311,7 +348,11 @@ fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
         if let Some(s) = &a.stage {
             if !p.stages.iter().any(|st| &st.identifier == s) {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.identifier.as_str()).collect();
-                bail!("no stage `{s}` in {} (stages: {})", a.file.display(), ids.join(", "));
+                bail!(
+                    "no stage `{s}` in {} (stages: {})",
+                    a.file.display(),
+                    ids.join(", ")
+                );
             }
         }
     }
@@ -331,7 +372,9 @@ fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
                 parts.push(format!("{e} error{}", if e == 1 { "" } else { "s" }));
             }
             if u > 0 && !a.skip_unsupported {
-                parts.push(format!("{u} unsupported (--skip-unsupported runs the rest)"));
+                parts.push(format!(
+                    "{u} unsupported (--skip-unsupported runs the rest)"
+                ));
             }
             eprintln!("{}: invalid: {}", a.file.display(), parts.join(", "));
             Ok(Err(EXIT_INVALID))
@@ -342,8 +385,22 @@ fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
 fn validate_cmd(a: &FileArgs) -> Result<i32> {
     Ok(match check(a, false)? {
         Ok(c) => {
-            let steps: usize = c.pipeline.stages.iter().map(|s| plan_stage(s).steps().len()).sum();
-            println!("{}: valid ({} stage{}, {steps} steps)", a.file.display(), c.pipeline.stages.len(), if c.pipeline.stages.len() == 1 { "" } else { "s" });
+            let steps: usize = c
+                .pipeline
+                .stages
+                .iter()
+                .map(|s| plan_stage(s).steps().len())
+                .sum();
+            println!(
+                "{}: valid ({} stage{}, {steps} steps)",
+                a.file.display(),
+                c.pipeline.stages.len(),
+                if c.pipeline.stages.len() == 1 {
+                    ""
+                } else {
+                    "s"
+                }
+            );
             EXIT_OK
         }
         Err(code) => code,
@@ -363,11 +420,16 @@ fn plan_cmd(a: &FileArgs) -> Result<i32> {
 }
 
 fn selected<'a>(p: &'a Pipeline, only: Option<&str>) -> Vec<&'a crate::model::Stage> {
-    p.stages.iter().filter(|s| only.is_none_or(|o| o == s.identifier)).collect()
+    p.stages
+        .iter()
+        .filter(|s| only.is_none_or(|o| o == s.identifier))
+        .collect()
 }
 
 fn parse_kv(kv: &str, what: &str) -> Result<(String, String)> {
-    let (k, v) = kv.split_once('=').with_context(|| format!("{what} {kv}: expected NAME=VALUE"))?;
+    let (k, v) = kv
+        .split_once('=')
+        .with_context(|| format!("{what} {kv}: expected NAME=VALUE"))?;
     Ok((k.trim().to_string(), v.to_string()))
 }
 
@@ -379,13 +441,16 @@ fn read_secrets(a: &RunArgs) -> Result<BTreeMap<String, String>> {
         }
     }
     if let Some(f) = &a.secrets_file {
-        let text = std::fs::read_to_string(f).with_context(|| format!("read secrets file {}", f.display()))?;
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("read secrets file {}", f.display()))?;
         for (i, line) in text.lines().enumerate() {
             let line = line.trim_end_matches('\r');
             if line.trim().is_empty() || line.trim_start().starts_with('#') {
                 continue;
             }
-            let (k, v) = line.split_once('=').with_context(|| format!("{}:{}: expected id=value", f.display(), i + 1))?;
+            let (k, v) = line
+                .split_once('=')
+                .with_context(|| format!("{}:{}: expected id=value", f.display(), i + 1))?;
             out.insert(k.trim().to_string(), v.to_string());
         }
     }
@@ -413,7 +478,8 @@ fn state_dir() -> PathBuf {
     }
     match std::env::var_os("XDG_DATA_HOME") {
         Some(d) => PathBuf::from(d).join("stagehand"),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into())).join(".local/share/stagehand"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
+            .join(".local/share/stagehand"),
     }
 }
 
@@ -421,13 +487,20 @@ fn state_dir() -> PathBuf {
 fn next_sequence(pipeline: &str) -> u64 {
     let dir = state_dir().join("sequence");
     let path = dir.join(pipeline);
-    let n = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0) + 1;
+    let n = std::fs::read_to_string(&path)
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        + 1;
     let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, n.to_string()));
     n
 }
 
 fn new_run_id() -> String {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
     let mix = (nanos as u64) ^ ((std::process::id() as u64) << 32);
     format!("{:012x}", mix & 0xffff_ffff_ffff)
 }
@@ -438,12 +511,17 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
         Err(code) => return Ok(code),
     };
     let mut pipeline = checked.pipeline;
-    let overrides: Vec<(String, String)> = a.vars.iter().map(|kv| parse_kv(kv, "--var")).collect::<Result<_>>()?;
+    let overrides: Vec<(String, String)> = a
+        .vars
+        .iter()
+        .map(|kv| parse_kv(kv, "--var"))
+        .collect::<Result<_>>()?;
     apply_overrides(&mut pipeline, &overrides)?;
     let secrets = Arc::new(Secrets::new(read_secrets(&a)?));
     let workspace = match &a.workspace {
         Some(w) => {
-            std::fs::create_dir_all(w).with_context(|| format!("create workspace {}", w.display()))?;
+            std::fs::create_dir_all(w)
+                .with_context(|| format!("create workspace {}", w.display()))?;
             w.canonicalize()?
         }
         None => std::env::current_dir()?,
@@ -469,10 +547,17 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
     let run_id = new_run_id();
     let run_dir = run_dir_base().join(&run_id);
     let logs = run_dir.join("logs");
-    std::fs::create_dir_all(&logs).with_context(|| format!("create run directory {}", run_dir.display()))?;
-    let console = Arc::new(Console::new(secrets.clone(), Some(logs.clone()), a.quiet).with_json(a.output == OutputArg::Json));
+    std::fs::create_dir_all(&logs)
+        .with_context(|| format!("create run directory {}", run_dir.display()))?;
+    let console = Arc::new(
+        Console::new(secrets.clone(), Some(logs.clone()), a.quiet)
+            .with_json(a.output == OutputArg::Json),
+    );
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().worker_threads(2).build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(2)
+        .build()?;
     let code = rt.block_on(async {
         let cancel = CancellationToken::new();
         let signal = Arc::new(std::sync::atomic::AtomicI32::new(0));
@@ -491,7 +576,10 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
             tokio::spawn(async move {
                 let sig = signals.recv().await;
                 signal.store(sig, std::sync::atomic::Ordering::SeqCst);
-                console.status(&format!("stagehand: received {}, stopping the stage", stagehand_supervisor::process::signal_name(sig)));
+                console.status(&format!(
+                    "stagehand: received {}, stopping the stage",
+                    stagehand_supervisor::process::signal_name(sig)
+                ));
                 cancel.cancel();
             });
         }
@@ -509,11 +597,20 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
         // Pipeline variables may use secrets and run facts; Secret-typed ones are masked.
         for v in &pipeline.variables {
             let value = {
-                let ctx = Ctx { run: &run, stage: None, step: None };
+                let ctx = Ctx {
+                    run: &run,
+                    stage: None,
+                    step: None,
+                };
                 match render(&v.value.value, &ctx) {
                     Ok(s) => s,
                     Err(e) => {
-                        console.status(&format!("{}:{}: error: pipeline variable `{}`: {e}", a.file.file.display(), v.value.pos, v.name));
+                        console.status(&format!(
+                            "{}:{}: error: pipeline variable `{}`: {e}",
+                            a.file.file.display(),
+                            v.value.pos,
+                            v.name
+                        ));
                         return EXIT_FAILED;
                     }
                 }
@@ -531,7 +628,10 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
                 break;
             }
             if stage.unsupported {
-                console.status(&format!("==> stage {} skipped (not supported by stagehand)", stage.identifier));
+                console.status(&format!(
+                    "==> stage {} skipped (not supported by stagehand)",
+                    stage.identifier
+                ));
                 continue;
             }
             let plan = plan_stage(stage);
@@ -568,20 +668,38 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
                 break;
             }
             let limits = DefaultLimits {
-                run: Limits { memory_bytes: a.run_memory, cpu_millis: a.run_cpu, pids: Some(a.pids_limit) },
-                background: Limits { pids: Some(a.pids_limit), ..stagehand_supervisor::stage::BACKGROUND_DEFAULTS },
+                run: Limits {
+                    memory_bytes: a.run_memory,
+                    cpu_millis: a.run_cpu,
+                    pids: Some(a.pids_limit),
+                },
+                background: Limits {
+                    pids: Some(a.pids_limit),
+                    ..stagehand_supervisor::stage::BACKGROUND_DEFAULTS
+                },
             };
             let uses_images = plan.steps().iter().any(|s| s.spec.image.is_some());
             let exec = match HostExecutor::new(steps_dir, a.stop_timeout, sandbox, limits) {
                 Ok(e) if uses_images => {
-                    let volumes: Vec<String> = plan.volumes.iter().map(|v| v.mount_path.clone()).collect();
-                    let c = Containers::new(&a.image_root(), a.runtime.as_deref().map(std::ffi::OsStr::new), &run_dir, &run_id, &plan.identifier, &volumes)
-                        .and_then(|c| c.with_backend(a.backend()));
+                    let volumes: Vec<String> =
+                        plan.volumes.iter().map(|v| v.mount_path.clone()).collect();
+                    let c = Containers::new(
+                        &a.image_root(),
+                        a.runtime.as_deref().map(std::ffi::OsStr::new),
+                        &run_dir,
+                        &run_id,
+                        &plan.identifier,
+                        &volumes,
+                    )
+                    .and_then(|c| c.with_backend(a.backend()));
                     Arc::new(e.with_containers(c))
                 }
                 Ok(e) => Arc::new(e),
                 Err((e, sandbox)) => {
-                    console.status(&format!("stagehand: cannot prepare stage {}: {e}", plan.identifier));
+                    console.status(&format!(
+                        "stagehand: cannot prepare stage {}: {e}",
+                        plan.identifier
+                    ));
                     if let Some(sb) = sandbox {
                         for err in sb.teardown().await {
                             console.status(&format!("    teardown: {err}"));
@@ -591,8 +709,20 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
                     break;
                 }
             };
-            let options = RunOptions { workspace: workspace.clone(), skip_unsupported: a.file.skip_unsupported, run_dir: Some(run_dir.clone()) };
-            let sr = StageRun::new(plan, run.clone(), info, exec, console.clone(), options, cancel.clone());
+            let options = RunOptions {
+                workspace: workspace.clone(),
+                skip_unsupported: a.file.skip_unsupported,
+                run_dir: Some(run_dir.clone()),
+            };
+            let sr = StageRun::new(
+                plan,
+                run.clone(),
+                info,
+                exec,
+                console.clone(),
+                options,
+                cancel.clone(),
+            );
             let report = sr.run().await;
             // An EmptyDir lives as long as its stage (as with a Kubernetes pod); container
             // bundles and upper dirs are already unmounted by teardown.
@@ -621,11 +751,13 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
 
 fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
     use stagehand_oci::{archive, store::Store};
-    let store = Store::open(&root).with_context(|| format!("open image store {}", root.display()))?;
+    let store =
+        Store::open(&root).with_context(|| format!("open image store {}", root.display()))?;
     match cmd {
         ImageCmd::Load { file } => {
             let started = std::time::Instant::now();
-            let loaded = archive::load(&store, &file).with_context(|| format!("load {}", file.display()))?;
+            let loaded =
+                archive::load(&store, &file).with_context(|| format!("load {}", file.display()))?;
             // Unpack every layer now: a hostile archive (`..`, escaping symlinks) is refused
             // here, naming the entry, rather than when a stage first uses the image; and the
             // first container start is then fast.
@@ -633,7 +765,13 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
                 let guard = store.write_guard()?;
                 for l in &loaded {
                     stagehand_oci::unpack::ensure_image_layers(&store, &guard, &l.id)
-                        .with_context(|| format!("unpack {} from {}", l.name.as_deref().unwrap_or("image"), file.display()))?;
+                        .with_context(|| {
+                            format!(
+                                "unpack {} from {}",
+                                l.name.as_deref().unwrap_or("image"),
+                                file.display()
+                            )
+                        })?;
                 }
                 Ok(())
             })();
@@ -645,22 +783,39 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
                 return Err(e.context("the archive was not loaded"));
             }
             for l in &loaded {
-                println!("loaded {} ({})", l.name.as_deref().unwrap_or("<no name>"), l.id.short());
+                println!(
+                    "loaded {} ({})",
+                    l.name.as_deref().unwrap_or("<no name>"),
+                    l.id.short()
+                );
             }
-            eprintln!("{} image(s) in {}", loaded.len(), crate::units::format_duration(started.elapsed()));
+            eprintln!(
+                "{} image(s) in {}",
+                loaded.len(),
+                crate::units::format_duration(started.elapsed())
+            );
         }
-        ImageCmd::Pull { reference, insecure } => {
-            use std::io::IsTerminal;
+        ImageCmd::Pull {
+            reference,
+            insecure,
+        } => {
             use stagehand_oci::pull;
+            use std::io::IsTerminal;
             let mut opts = pull::PullOptions::from_env()?;
             opts.insecure = insecure;
             let live = std::io::stderr().is_terminal();
             opts.progress = Some(pull::text_progress(Box::new(std::io::stderr()), live));
             let started = std::time::Instant::now();
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             match rt.block_on(pull::pull(&store, &reference, &opts)) {
                 Ok(p) => {
-                    println!("pulled {} ({})", p.name.as_deref().unwrap_or(&p.reference), p.id.short());
+                    println!(
+                        "pulled {} ({})",
+                        p.name.as_deref().unwrap_or(&p.reference),
+                        p.id.short()
+                    );
                     eprintln!(
                         "{} blob(s) fetched ({}), {} already in the store, in {}",
                         p.fetched_blobs,
@@ -675,7 +830,13 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
                 }
             }
         }
-        ImageCmd::Import { source, tag, entrypoint, cmd, env } => {
+        ImageCmd::Import {
+            source,
+            tag,
+            entrypoint,
+            cmd,
+            env,
+        } => {
             let opts = archive::ImportOptions {
                 reference: tag.clone(),
                 entrypoint: (!entrypoint.is_empty()).then_some(entrypoint),
@@ -687,7 +848,10 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
             // Like `pull`: a failure here (a full disk) is not invalid input.
             let id = match archive::import(&store, &source, &opts) {
                 Ok(id) => id,
-                Err(e) => { eprintln!("stagehand: import {}: {e}", source.display()); return Ok(EXIT_FAILED); }
+                Err(e) => {
+                    eprintln!("stagehand: import {}: {e}", source.display());
+                    return Ok(EXIT_FAILED);
+                }
             };
             println!("imported {tag} ({})", id.short());
         }
@@ -698,13 +862,21 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
             };
             let reference = stagehand_oci::store::parse_reference(&name)?;
             store.tag(&reference, &id)?;
-            println!("tagged {} as {}", id.short(), stagehand_oci::store::name_of(&reference).unwrap_or(name));
+            println!(
+                "tagged {} as {}",
+                id.short(),
+                stagehand_oci::store::name_of(&reference).unwrap_or(name)
+            );
         }
         ImageCmd::Ls => {
             let list = store.list()?;
             println!("{:<60} {:<14}", "NAME", "ID");
             for e in list {
-                println!("{:<60} {:<14}", e.name.as_deref().unwrap_or("<no name>"), e.id.short());
+                println!(
+                    "{:<60} {:<14}",
+                    e.name.as_deref().unwrap_or("<no name>"),
+                    e.id.short()
+                );
             }
         }
         ImageCmd::Rm { images } => {
@@ -743,7 +915,12 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
         }
         ImageCmd::Prune => {
             let r = store.prune()?;
-            println!("removed {} blobs ({}) and {} unpacked layers", r.blobs_removed, crate::units::format_memory(r.bytes_freed), r.layers_removed);
+            println!(
+                "removed {} blobs ({}) and {} unpacked layers",
+                r.blobs_removed,
+                crate::units::format_memory(r.bytes_freed),
+                r.layers_removed
+            );
         }
     }
     Ok(EXIT_OK)
@@ -751,7 +928,10 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
 
 /// Delete the containerd containers and tasks of the runs `dead` (those killed with SIGKILL):
 /// (what was removed, errors). Nothing without the `containerd` feature or the socket.
-fn containerd_gc(address: &Path, dead: &[stagehand_supervisor::stage::GcReport]) -> (Vec<String>, Vec<String>) {
+fn containerd_gc(
+    address: &Path,
+    dead: &[stagehand_supervisor::stage::GcReport],
+) -> (Vec<String>, Vec<String>) {
     #[cfg(feature = "containerd")]
     {
         let ids: Vec<String> = dead.iter().map(|r| r.run_id.clone()).collect();
@@ -766,7 +946,9 @@ fn containerd_gc(address: &Path, dead: &[stagehand_supervisor::stage::GcReport])
 
 fn gc_cmd() -> Result<i32> {
     let reports = stagehand_supervisor::stage::gc(&run_dir_base());
-    let address = std::env::var_os("STAGEHAND_CONTAINERD_ADDRESS").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
+    let address = std::env::var_os("STAGEHAND_CONTAINERD_ADDRESS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
     let (removed, errors) = containerd_gc(&address, &reports);
     for id in &removed {
         println!("containerd: removed container {id}");
@@ -804,7 +986,10 @@ fn ps_cmd() -> Result<i32> {
             .unwrap_or_default();
         println!("run {} (stagehand pid {}, up {up})", st.run_id, st.pid);
         // The journal holds paths relative to each hierarchy; show the real directories.
-        let hierarchy = st.cgroup_root.as_deref().and_then(|r| stagehand_supervisor::cgroup::detect(r).ok());
+        let hierarchy = st
+            .cgroup_root
+            .as_deref()
+            .and_then(|r| stagehand_supervisor::cgroup::detect(r).ok());
         for c in &st.cgroups {
             match hierarchy.as_ref().and_then(|h| h.open(c).ok()) {
                 Some(cg) => {
@@ -831,7 +1016,13 @@ fn ps_cmd() -> Result<i32> {
 
 /// Build the stage pod. Without root there are no namespaces or cgroups yet (rootless comes
 /// with user namespaces): steps then run bare on the host, and we say so once.
-fn stage_sandbox(a: &RunArgs, plan: &StagePlan, run_dir: &Path, run_id: &str, console: &Console) -> Result<Option<stagehand_supervisor::stage::Stage>, String> {
+fn stage_sandbox(
+    a: &RunArgs,
+    plan: &StagePlan,
+    run_dir: &Path,
+    run_id: &str,
+    console: &Console,
+) -> Result<Option<stagehand_supervisor::stage::Stage>, String> {
     use stagehand_supervisor::forward::PortBinding;
     use stagehand_supervisor::stage::{Network, Stage, StageConfig};
     if !nix::unistd::geteuid().is_root() {
@@ -841,12 +1032,21 @@ fn stage_sandbox(a: &RunArgs, plan: &StagePlan, run_dir: &Path, run_id: &str, co
     let steps = plan.steps();
     // Harness's name for a step in a group is `group_step`; the reference health-check
     // pipeline also reaches `Background_1` by its bare id, so both resolve.
-    let mut hostnames: Vec<String> = steps.iter().flat_map(|s| [s.id.clone(), s.identifier.clone()]).collect();
+    let mut hostnames: Vec<String> = steps
+        .iter()
+        .flat_map(|s| [s.id.clone(), s.identifier.clone()])
+        .collect();
     hostnames.sort();
     hostnames.dedup();
     let port_bindings = steps
         .iter()
-        .flat_map(|s| s.spec.port_bindings.iter().map(|p| PortBinding { host_port: p.host, target_port: p.container, owner: s.id.clone() }))
+        .flat_map(|s| {
+            s.spec.port_bindings.iter().map(|p| PortBinding {
+                host_port: p.host,
+                target_port: p.container,
+                owner: s.id.clone(),
+            })
+        })
         .collect();
     let network = match a.network {
         NetworkArg::Stage => Network::Isolated { outbound: true },
@@ -867,12 +1067,17 @@ fn stage_sandbox(a: &RunArgs, plan: &StagePlan, run_dir: &Path, run_id: &str, co
         port_bindings,
         slirp4netns: slirp.unwrap_or_else(|| PathBuf::from("slirp4netns")),
     };
-    Stage::create(cfg).map(Some).map_err(|e| format!("stage {}: {e}", plan.identifier))
+    Stage::create(cfg)
+        .map(Some)
+        .map_err(|e| format!("stage {}: {e}", plan.identifier))
 }
 
 fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
-    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+    let path = std::env::var_os("PATH")
+        .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
 }
 
 fn apply_overrides(p: &mut Pipeline, overrides: &[(String, String)]) -> Result<()> {
@@ -900,11 +1105,17 @@ fn stage_gate(plan: &StagePlan, run: &RunInfo, pipeline_failed: bool) -> Option<
     let w = plan.when.as_ref()?;
     match (w.status, pipeline_failed) {
         (StatusGate::Success, true) => return Some("an earlier stage failed".into()),
-        (StatusGate::Failure, false) => return Some("runs only when the pipeline has failed".into()),
+        (StatusGate::Failure, false) => {
+            return Some("runs only when the pipeline has failed".into());
+        }
         _ => {}
     }
     let c = w.condition.as_ref()?;
-    let ctx = Ctx { run, stage: None, step: None };
+    let ctx = Ctx {
+        run,
+        stage: None,
+        step: None,
+    };
     let result = crate::expr::parse_condition(&c.value)
         .map_err(|e| e.to_string())
         .and_then(|e| crate::expr::eval(&e, &ctx).map_err(|e| e.to_string()));
@@ -915,12 +1126,31 @@ fn stage_gate(plan: &StagePlan, run: &RunInfo, pipeline_failed: bool) -> Option<
     }
 }
 
-fn stage_info(plan: &StagePlan, run: &RunInfo, file: &Path) -> std::result::Result<StageInfo, String> {
-    let mut info = StageInfo { identifier: plan.identifier.clone(), name: plan.name.clone(), vars: BTreeMap::new() };
+fn stage_info(
+    plan: &StagePlan,
+    run: &RunInfo,
+    file: &Path,
+) -> std::result::Result<StageInfo, String> {
+    let mut info = StageInfo {
+        identifier: plan.identifier.clone(),
+        name: plan.name.clone(),
+        vars: BTreeMap::new(),
+    };
     for v in &plan.variables {
         let value = {
-            let ctx = Ctx { run, stage: Some(&info), step: None };
-            render(&v.value.value, &ctx).map_err(|e| format!("{}:{}: error: stage variable `{}`: {e}", file.display(), v.value.pos, v.name))?
+            let ctx = Ctx {
+                run,
+                stage: Some(&info),
+                step: None,
+            };
+            render(&v.value.value, &ctx).map_err(|e| {
+                format!(
+                    "{}:{}: error: stage variable `{}`: {e}",
+                    file.display(),
+                    v.value.pos,
+                    v.name
+                )
+            })?
         };
         if v.var_type == VarType::Secret {
             run.secrets.add_mask(&value);
@@ -930,11 +1160,18 @@ fn stage_info(plan: &StagePlan, run: &RunInfo, file: &Path) -> std::result::Resu
     Ok(info)
 }
 
-fn write_summary(run_dir: &Path, reports: &[crate::schedule::StageReport], secrets: &Secrets) -> std::io::Result<()> {
+fn write_summary(
+    run_dir: &Path,
+    reports: &[crate::schedule::StageReport],
+    secrets: &Secrets,
+) -> std::io::Result<()> {
     let stages: Vec<serde_json::Value> = reports.iter().map(stage_json).collect();
     let mut doc = serde_json::json!({ "stages": stages });
     secrets.mask_json(&mut doc);
-    std::fs::write(run_dir.join("summary.json"), serde_json::to_vec_pretty(&doc)?)
+    std::fs::write(
+        run_dir.join("summary.json"),
+        serde_json::to_vec_pretty(&doc)?,
+    )
 }
 
 /// One stage of `summary.json` (and of the `stage_finished` event): see the README for the schema.

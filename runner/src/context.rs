@@ -25,7 +25,10 @@ pub struct Secrets {
 
 impl Secrets {
     pub fn new(by_id: BTreeMap<String, String>) -> Self {
-        let s = Secrets { by_id, masked: RwLock::new(Vec::new()) };
+        let s = Secrets {
+            by_id,
+            masked: RwLock::new(Vec::new()),
+        };
         for v in s.by_id.values() {
             s.add_mask(v);
         }
@@ -35,7 +38,10 @@ impl Secrets {
     pub fn get(&self, id: &str) -> Option<&str> {
         // Harness scopes secrets as `account.x`, `org.x` or `x`; locally they are one namespace.
         let bare = id.rsplit_once('.').map(|(_, b)| b);
-        self.by_id.get(id).or_else(|| bare.and_then(|b| self.by_id.get(b))).map(String::as_str)
+        self.by_id
+            .get(id)
+            .or_else(|| bare.and_then(|b| self.by_id.get(b)))
+            .map(String::as_str)
     }
 
     pub fn add_mask(&self, value: &str) {
@@ -98,7 +104,9 @@ impl Codebase {
         let git = |args: &[&str]| -> Option<String> {
             let mut argv = vec!["git".to_string(), "-C".into(), dir.display().to_string()];
             argv.extend(args.iter().map(|s| s.to_string()));
-            let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k == "PATH" || k == "HOME").collect();
+            let env: Vec<(String, String)> = std::env::vars()
+                .filter(|(k, _)| k == "PATH" || k == "HOME")
+                .collect();
             let out = stagehand_supervisor::process::run_output(&argv, env, dir).ok()?;
             if !out.status.success() {
                 return None;
@@ -151,7 +159,12 @@ pub struct Ctx<'a> {
 }
 
 impl RunInfo {
-    pub fn record_outputs(&self, stage: &str, step: &PlannedStep, values: BTreeMap<String, String>) {
+    pub fn record_outputs(
+        &self,
+        stage: &str,
+        step: &PlannedStep,
+        values: BTreeMap<String, String>,
+    ) {
         let mut all = self.outputs.write().unwrap_or_else(|e| e.into_inner());
         let st = all.entry(stage.to_string()).or_default();
         // Reachable as `steps.Run_1`, `steps.sg1.steps.Run_1` and by the unique id `sg1_Run_1`.
@@ -210,29 +223,55 @@ impl Resolver for Ctx<'_> {
                 None => self.pipeline_var(x),
             },
             ["stage", "variables", x] => match self.stage {
-                Some(s) => s.vars.get(*x).map(|v| Val::Str(v.clone())).ok_or_else(|| format!("unknown stage variable `{x}`")),
+                Some(s) => s
+                    .vars
+                    .get(*x)
+                    .map(|v| Val::Str(v.clone()))
+                    .ok_or_else(|| format!("unknown stage variable `{x}`")),
                 None => Err(format!("{} is used outside a stage", shown())),
             },
             ["pipeline", "name"] => Ok(Val::Str(self.run.pipeline_name.clone())),
             ["pipeline", "identifier"] => Ok(Val::Str(self.run.pipeline_id.clone())),
             ["pipeline", "sequenceId"] => Ok(Val::Num(self.run.sequence_id as f64)),
             ["pipeline", "executionId"] => Ok(Val::Str(self.run.execution_id.clone())),
-            ["pipeline", "stages", s, "spec", "execution", "steps", rest @ ..] => self.step_output(s, rest, &shown()),
+            [
+                "pipeline",
+                "stages",
+                s,
+                "spec",
+                "execution",
+                "steps",
+                rest @ ..,
+            ] => self.step_output(s, rest, &shown()),
             ["stage", "name"] => Ok(text(self.stage.map(|s| &s.name))),
             ["stage", "identifier"] => Ok(text(self.stage.map(|s| &s.identifier))),
             ["step", "name"] => Ok(text(self.step.map(|s| &s.name))),
             ["step", "identifier"] => Ok(text(self.step.map(|s| &s.identifier))),
-            ["steps", rest @ ..] | ["execution", "steps", rest @ ..] => self.step_output(stage_id, rest, &shown()),
-            ["codebase", "branch"] | ["codebase", "sourceBranch"] => Ok(opt(&self.run.codebase.branch)),
+            ["steps", rest @ ..] | ["execution", "steps", rest @ ..] => {
+                self.step_output(stage_id, rest, &shown())
+            }
+            ["codebase", "branch"] | ["codebase", "sourceBranch"] => {
+                Ok(opt(&self.run.codebase.branch))
+            }
             ["codebase", "commitSha"] => Ok(opt(&self.run.codebase.commit_sha)),
-            ["codebase", "shortCommitSha"] => {
-                Ok(opt(&self.run.codebase.commit_sha.as_ref().map(|s| s.chars().take(7).collect())))
+            ["codebase", "shortCommitSha"] => Ok(opt(&self
+                .run
+                .codebase
+                .commit_sha
+                .as_ref()
+                .map(|s| s.chars().take(7).collect()))),
+            ["codebase", "repoUrl"] | ["codebase", "gitUrl"] => {
+                Ok(opt(&self.run.codebase.repo_url))
             }
-            ["codebase", "repoUrl"] | ["codebase", "gitUrl"] => Ok(opt(&self.run.codebase.repo_url)),
             ["codebase", "tag"] => Ok(opt(&self.run.codebase.tag)),
-            ["codebase", "build", "type"] => {
-                Ok(Val::Str(if self.run.codebase.tag.is_some() && self.run.codebase.branch.is_none() { "tag" } else { "branch" }.into()))
-            }
+            ["codebase", "build", "type"] => Ok(Val::Str(
+                if self.run.codebase.tag.is_some() && self.run.codebase.branch.is_none() {
+                    "tag"
+                } else {
+                    "branch"
+                }
+                .into(),
+            )),
             // A local run has no trigger, webhook payload or codebase PR: those read as null.
             ["codebase", ..] | ["trigger", ..] | ["eventPayload", ..] => Ok(Val::Null),
             ["env", name] => Ok(std::env::var(name).map(Val::Str).unwrap_or(Val::Null)),
@@ -244,7 +283,9 @@ impl Resolver for Ctx<'_> {
                 .ok_or_else(|| format!("{} is not a matrix axis of this step", shown())),
             ["strategy", "iteration"] => self.loop_val(|c| Val::Num(c.iteration as f64)),
             ["strategy", "iterations"] => self.loop_val(|c| Val::Num(c.iterations as f64)),
-            ["repeat", "item"] => self.loop_val(|c| c.item.clone().map(Val::Str).unwrap_or(Val::Null)),
+            ["repeat", "item"] => {
+                self.loop_val(|c| c.item.clone().map(Val::Str).unwrap_or(Val::Null))
+            }
             _ => Err(format!("{} has no value in stagehand", shown())),
         }
     }
@@ -256,11 +297,18 @@ fn opt(v: &Option<String>) -> Val {
 
 impl Ctx<'_> {
     fn pipeline_var(&self, x: &str) -> Result<Val, String> {
-        self.run.pipeline_vars.get(x).map(|v| Val::Str(v.clone())).ok_or_else(|| format!("unknown pipeline variable `{x}`"))
+        self.run
+            .pipeline_vars
+            .get(x)
+            .map(|v| Val::Str(v.clone()))
+            .ok_or_else(|| format!("unknown pipeline variable `{x}`"))
     }
 
     fn loop_val(&self, f: impl Fn(&crate::plan::LoopCtx) -> Val) -> Result<Val, String> {
-        self.step.and_then(|s| s.loop_ctx.as_ref()).map(f).ok_or_else(|| "this step has no looping strategy".into())
+        self.step
+            .and_then(|s| s.loop_ctx.as_ref())
+            .map(f)
+            .ok_or_else(|| "this step has no looping strategy".into())
     }
 
     fn step_output(&self, stage: &str, rest: &[&str], shown: &str) -> Result<Val, String> {
@@ -305,7 +353,10 @@ mod tests {
             pipeline_id: "p".into(),
             sequence_id: 7,
             execution_id: "abc".into(),
-            codebase: Codebase { branch: Some("main".into()), ..Default::default() },
+            codebase: Codebase {
+                branch: Some("main".into()),
+                ..Default::default()
+            },
             secrets: Arc::new(Secrets::new(secrets)),
             pipeline_vars: pv,
             outputs: RwLock::new(HashMap::new()),
@@ -315,20 +366,37 @@ mod tests {
     #[test]
     fn renders_variables_secrets_and_ids() {
         let r = run();
-        let st = StageInfo { identifier: "s".into(), name: "S".into(), vars: [("port".to_string(), "5433".to_string())].into() };
-        let ctx = Ctx { run: &r, stage: Some(&st), step: None };
+        let st = StageInfo {
+            identifier: "s".into(),
+            name: "S".into(),
+            vars: [("port".to_string(), "5433".to_string())].into(),
+        };
+        let ctx = Ctx {
+            run: &r,
+            stage: Some(&st),
+            step: None,
+        };
         assert_eq!(
             render("<+pipeline.variables.host>:<+stage.variables.port> #<+pipeline.sequenceId> <+codebase.branch>", &ctx).unwrap(),
             "localhost:5433 #7 main"
         );
-        assert_eq!(render("pw=<+secrets.getValue(\"account.db_pass\")>", &ctx).unwrap(), "pw=hunter22");
+        assert_eq!(
+            render("pw=<+secrets.getValue(\"account.db_pass\")>", &ctx).unwrap(),
+            "pw=hunter22"
+        );
         let e = render("<+secrets.getValue('nope')>", &ctx).unwrap_err();
         assert!(e.contains("--secret nope=VALUE"), "{e}");
     }
 
     #[test]
     fn masks_every_secret_longest_first() {
-        let s = Secrets::new([("a".to_string(), "abc".to_string()), ("b".to_string(), "abcdef".to_string())].into());
+        let s = Secrets::new(
+            [
+                ("a".to_string(), "abc".to_string()),
+                ("b".to_string(), "abcdef".to_string()),
+            ]
+            .into(),
+        );
         assert_eq!(s.mask("x abcdef y abc"), format!("x {MASK} y {MASK}"));
         s.add_mask("line1\nline2");
         assert_eq!(s.mask("line2"), MASK);

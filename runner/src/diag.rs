@@ -38,7 +38,10 @@ pub struct Diagnostics {
 
 impl Diagnostics {
     pub fn new(file: &Path) -> Self {
-        Diagnostics { file: file.to_path_buf(), ..Default::default() }
+        Diagnostics {
+            file: file.to_path_buf(),
+            ..Default::default()
+        }
     }
 
     pub fn error(&mut self, pos: Pos, message: impl Into<String>) {
@@ -55,11 +58,21 @@ impl Diagnostics {
 
     pub fn unsupported(&mut self, pos: Pos, what: impl Into<String>) {
         let what = what.into();
-        self.push(Severity::Unsupported, pos, format!("{what} is not supported by stagehand"), None);
+        self.push(
+            Severity::Unsupported,
+            pos,
+            format!("{what} is not supported by stagehand"),
+            None,
+        );
     }
 
     fn push(&mut self, severity: Severity, pos: Pos, message: String, hint: Option<String>) {
-        self.items.push(Diag { severity, pos, message, hint });
+        self.items.push(Diag {
+            severity,
+            pos,
+            message,
+            hint,
+        });
     }
 
     pub fn ignore(&mut self, key: &str) {
@@ -74,7 +87,9 @@ impl Diagnostics {
     }
 
     pub fn has_unsupported(&self) -> bool {
-        self.items.iter().any(|d| d.severity == Severity::Unsupported)
+        self.items
+            .iter()
+            .any(|d| d.severity == Severity::Unsupported)
     }
 
     pub fn count(&self, s: Severity) -> usize {
@@ -83,7 +98,8 @@ impl Diagnostics {
 
     /// Sort by position so output reads top to bottom, and drop exact repeats.
     pub fn finish(&mut self) {
-        self.items.sort_by(|a, b| a.pos.cmp(&b.pos).then(a.severity.cmp(&b.severity)));
+        self.items
+            .sort_by(|a, b| a.pos.cmp(&b.pos).then(a.severity.cmp(&b.severity)));
         self.items.dedup();
     }
 
@@ -100,13 +116,19 @@ impl Diagnostics {
                 Severity::Unsupported => "error",
                 Severity::Warning => "warning",
             };
-            let _ = writeln!(out, "{file}:{}:{}: {label}: {}", d.pos.line, d.pos.col, d.message);
+            let _ = writeln!(
+                out,
+                "{file}:{}:{}: {label}: {}",
+                d.pos.line, d.pos.col, d.message
+            );
             if d.pos.line >= 1 {
                 if let Some(text) = lines.get(d.pos.line as usize - 1) {
                     let n = d.pos.line.to_string();
                     let pad = " ".repeat(n.len());
                     let _ = writeln!(out, " {n} | {}", text.trim_end());
-                    let caret_at = (d.pos.col as usize).saturating_sub(1).min(text.chars().count());
+                    let caret_at = (d.pos.col as usize)
+                        .saturating_sub(1)
+                        .min(text.chars().count());
                     let _ = writeln!(out, " {pad} | {}^", " ".repeat(caret_at));
                 }
             }
@@ -118,7 +140,13 @@ impl Diagnostics {
             let list: Vec<String> = self
                 .ignored
                 .iter()
-                .map(|(k, n)| if *n > 1 { format!("{k} (×{n})") } else { k.clone() })
+                .map(|(k, n)| {
+                    if *n > 1 {
+                        format!("{k} (×{n})")
+                    } else {
+                        k.clone()
+                    }
+                })
                 .collect();
             let _ = writeln!(
                 out,
@@ -156,7 +184,9 @@ fn levenshtein(a: &str, b: &str) -> usize {
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
             }
@@ -171,9 +201,18 @@ mod tests {
 
     #[test]
     fn suggests_close_keys_only() {
-        assert_eq!(did_you_mean("comand", &["command", "connectorRef", "image"]), Some("command"));
-        assert_eq!(did_you_mean("envVariable", &["envVariables", "entrypoint"]), Some("envVariables"));
-        assert_eq!(did_you_mean("stagestatus", &["stageStatus", "condition"]), Some("stageStatus"));
+        assert_eq!(
+            did_you_mean("comand", &["command", "connectorRef", "image"]),
+            Some("command")
+        );
+        assert_eq!(
+            did_you_mean("envVariable", &["envVariables", "entrypoint"]),
+            Some("envVariables")
+        );
+        assert_eq!(
+            did_you_mean("stagestatus", &["stageStatus", "condition"]),
+            Some("stageStatus")
+        );
         assert_eq!(did_you_mean("zzzzzz", &["command", "image"]), None);
     }
 
@@ -184,7 +223,12 @@ mod tests {
         d.ignore("connectorRef");
         d.ignore("connectorRef");
         let out = d.render("a:\n  comand: x\n", false);
-        assert!(out.starts_with("p.yaml:2:3: error: unknown key `comand`\n 2 |   comand: x\n   |   ^\n"), "{out}");
+        assert!(
+            out.starts_with(
+                "p.yaml:2:3: error: unknown key `comand`\n 2 |   comand: x\n   |   ^\n"
+            ),
+            "{out}"
+        );
         assert!(out.contains("connectorRef (×2)"), "{out}");
     }
 }

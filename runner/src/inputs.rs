@@ -107,7 +107,10 @@ fn is_wrapper(key: &str) -> bool {
 
 /// A list item's name in a path: the `identifier` of a (wrapped) step/stage/group, else `name`.
 fn item_name(item: &Node) -> Option<String> {
-    let inner = ["step", "stage", "stepGroup"].iter().find_map(|w| item.get(w)).unwrap_or(item);
+    let inner = ["step", "stage", "stepGroup"]
+        .iter()
+        .find_map(|w| item.get(w))
+        .unwrap_or(item);
     inner
         .get("identifier")
         .or_else(|| inner.get("name"))
@@ -129,8 +132,21 @@ pub fn resolve(doc: &mut Node, values: &InputValues, require: bool) -> Outcome {
     let mut out = Outcome::default();
     let mut used = std::collections::BTreeSet::new();
     let mut path = Vec::new();
-    walk(doc, &mut path, &mut Vec::new(), values, require, &mut out, &mut used);
-    out.unused = values.values.keys().filter(|k| !used.contains(*k)).cloned().collect();
+    walk(
+        doc,
+        &mut path,
+        &mut Vec::new(),
+        values,
+        require,
+        &mut out,
+        &mut used,
+    );
+    out.unused = values
+        .values
+        .keys()
+        .filter(|k| !used.contains(*k))
+        .cloned()
+        .collect();
     out
 }
 
@@ -192,7 +208,11 @@ fn walk(
             let spec = match parsed {
                 Ok(spec) => spec,
                 Err(e) => {
-                    out.bad.push(BadInput { path: full, pos, message: e.to_string() });
+                    out.bad.push(BadInput {
+                        path: full,
+                        pos,
+                        message: e.to_string(),
+                    });
                     return;
                 }
             };
@@ -210,7 +230,11 @@ fn walk(
                 Some((key, v)) => {
                     used.insert(key);
                     if let Err(message) = check_value(&spec, &v) {
-                        out.bad.push(BadInput { path: full, pos, message });
+                        out.bad.push(BadInput {
+                            path: full,
+                            pos,
+                            message,
+                        });
                         return;
                     }
                     Some(v)
@@ -239,7 +263,10 @@ fn stage_variable_alias(path: &[String]) -> Option<String> {
 
 fn check_value(spec: &InputSpec, v: &str) -> Result<(), String> {
     if !spec.allowed.is_empty() && !spec.allowed.iter().any(|a| a == v) {
-        return Err(format!("value {v:?} is not one of the allowed values: {}", spec.allowed.join(", ")));
+        return Err(format!(
+            "value {v:?} is not one of the allowed values: {}",
+            spec.allowed.join(", ")
+        ));
     }
     if let Some(re) = &spec.regex {
         let anchored = format!("^(?:{re})$");
@@ -310,7 +337,10 @@ mod tests {
             ]
         );
         assert_eq!(out.missing[0].pos.line, 9);
-        assert_eq!(text_at(&doc, &["pipeline", "variables", "0", "value"]), "dev");
+        assert_eq!(
+            text_at(&doc, &["pipeline", "variables", "0", "value"]),
+            "dev"
+        );
     }
 
     #[test]
@@ -320,11 +350,23 @@ mod tests {
         v.insert("tag", "v1");
         v.insert("env", "prod");
         v.insert("stage.variables.sv", "s");
-        v.insert("stages.build.spec.execution.steps.Run_1.spec.image", "alpine");
+        v.insert(
+            "stages.build.spec.execution.steps.Run_1.spec.image",
+            "alpine",
+        );
         let out = resolve(&mut doc, &v, true);
-        assert!(out.missing.is_empty() && out.bad.is_empty() && out.unused.is_empty(), "{out:?}");
-        assert_eq!(text_at(&doc, &["pipeline", "variables", "1", "value"]), "v1");
-        assert_eq!(text_at(&doc, &["pipeline", "variables", "0", "value"]), "prod");
+        assert!(
+            out.missing.is_empty() && out.bad.is_empty() && out.unused.is_empty(),
+            "{out:?}"
+        );
+        assert_eq!(
+            text_at(&doc, &["pipeline", "variables", "1", "value"]),
+            "v1"
+        );
+        assert_eq!(
+            text_at(&doc, &["pipeline", "variables", "0", "value"]),
+            "prod"
+        );
     }
 
     #[test]
@@ -334,7 +376,11 @@ mod tests {
         v.insert("env", "qa");
         let out = resolve(&mut doc, &v, false);
         assert_eq!(out.bad.len(), 1);
-        assert!(out.bad[0].message.contains("allowed values: dev, prod"), "{:?}", out.bad);
+        assert!(
+            out.bad[0].message.contains("allowed values: dev, prod"),
+            "{:?}",
+            out.bad
+        );
     }
 
     #[test]
@@ -373,7 +419,22 @@ mod tests {
         assert_eq!(
             text_at(
                 &doc,
-                &["pipeline", "stages", "0", "stage", "spec", "execution", "steps", "0", "stepGroup", "steps", "0", "step", "spec", "image"]
+                &[
+                    "pipeline",
+                    "stages",
+                    "0",
+                    "stage",
+                    "spec",
+                    "execution",
+                    "steps",
+                    "0",
+                    "stepGroup",
+                    "steps",
+                    "0",
+                    "step",
+                    "spec",
+                    "image"
+                ]
             ),
             "busybox"
         );

@@ -3,18 +3,18 @@
 //! This crate is the only one that knows what a pipeline is and the only one that talks to the
 //! user. `supervisor` runs processes; `oci` runs containers.
 
-pub mod yaml;
-pub mod units;
-pub mod expr;
+pub mod cli;
+pub mod context;
 pub mod diag;
-pub mod model;
+pub mod exec;
+pub mod expr;
 pub mod inputs;
 pub mod load;
-pub mod validate;
-pub mod plan;
-pub mod context;
-pub mod exec;
+pub mod model;
 pub mod output;
-pub mod schedule;
-pub mod cli;
+pub mod plan;
 pub mod reports;
+pub mod schedule;
+pub mod units;
+pub mod validate;
+pub mod yaml;

@@ -31,65 +31,227 @@ pub fn valid_identifier(s: &str) -> bool {
 /// Step types Harness knows (execution-wrapper-config.yaml and its CI/common step nodes) that
 /// stagehand does not run. Anything else is a typo.
 const KNOWN_STEP_TYPES: &[&str] = &[
-    "Action", "AIEval", "AITestAutomation", "ArtifactoryUpload", "HarUpload", "Bitrise",
-    "BuildAndPushACR", "BuildAndPushDockerRegistry", "BuildAndPushECR", "BuildAndPushGCR",
-    "BuildAndPushGAR", "GCSUpload", "GitClone", "RestoreCacheGCS", "RestoreCacheS3",
-    "RestoreCacheAzure", "RestoreCache", "SaveCacheAzure", "RunTests", "Test", "S3Upload",
-    "SaveCacheGCS", "SaveCacheS3", "SaveCache", "SscaEnforcement", "SscaOrchestration",
-    "SscaAibomOrchestration", "AnchoreScan", "Anchore", "AquaSecurity", "AquaTrivy", "AWSECR",
-    "AWSSecurityHub", "Bandit", "BlackDuck", "Brakeman", "Burp", "Checkmarx", "CheckmarxOne",
-    "Checkov", "Clair", "CodeQL", "Coverity", "CustomIngest", "DataTheorem", "DockerContentTrust",
-    "FortifyOnDemand", "Fossa", "GithubAdvancedSecurity", "Gitleaks", "Grype", "JfrogXray", "Mend",
-    "Metasploit", "Nessus", "NexusIQ", "Nikto", "Nmap", "Openvas", "OsvScanner", "Owasp", "Plugin",
-    "PrismaCloud", "Prowler", "Qualys", "Reapsaw", "Security", "Semgrep", "ShiftLeft", "Snyk",
-    "SonarQube", "Sysdig", "Tenable", "Veracode", "Wiz", "Zap", "Container", "Barrier", "Queue",
-    "HarnessApproval", "CustomApproval", "JiraApproval", "JiraCreate", "JiraUpdate",
-    "ServiceNowApproval", "ServiceNowCreate", "ServiceNowUpdate", "ShellScript", "Http", "Email",
-    "Wait", "Policy", "IACMTerraformPlugin", "IACMApproval", "K8sCanaryDeploy", "K8sCanaryDelete",
-    "K8sRollingDeploy", "K8sRollingRollback", "K8sApply", "K8sDelete", "K8sBlueGreenDeploy",
-    "K8sBGSwapServices", "K8sScale", "HelmDeploy", "HelmRollback", "TerraformApply",
-    "TerraformPlan", "TerraformDestroy", "TerraformRollback", "Verify", "FlagConfiguration",
-    "Command", "DownloadArtifact",
+    "Action",
+    "AIEval",
+    "AITestAutomation",
+    "ArtifactoryUpload",
+    "HarUpload",
+    "Bitrise",
+    "BuildAndPushACR",
+    "BuildAndPushDockerRegistry",
+    "BuildAndPushECR",
+    "BuildAndPushGCR",
+    "BuildAndPushGAR",
+    "GCSUpload",
+    "GitClone",
+    "RestoreCacheGCS",
+    "RestoreCacheS3",
+    "RestoreCacheAzure",
+    "RestoreCache",
+    "SaveCacheAzure",
+    "RunTests",
+    "Test",
+    "S3Upload",
+    "SaveCacheGCS",
+    "SaveCacheS3",
+    "SaveCache",
+    "SscaEnforcement",
+    "SscaOrchestration",
+    "SscaAibomOrchestration",
+    "AnchoreScan",
+    "Anchore",
+    "AquaSecurity",
+    "AquaTrivy",
+    "AWSECR",
+    "AWSSecurityHub",
+    "Bandit",
+    "BlackDuck",
+    "Brakeman",
+    "Burp",
+    "Checkmarx",
+    "CheckmarxOne",
+    "Checkov",
+    "Clair",
+    "CodeQL",
+    "Coverity",
+    "CustomIngest",
+    "DataTheorem",
+    "DockerContentTrust",
+    "FortifyOnDemand",
+    "Fossa",
+    "GithubAdvancedSecurity",
+    "Gitleaks",
+    "Grype",
+    "JfrogXray",
+    "Mend",
+    "Metasploit",
+    "Nessus",
+    "NexusIQ",
+    "Nikto",
+    "Nmap",
+    "Openvas",
+    "OsvScanner",
+    "Owasp",
+    "Plugin",
+    "PrismaCloud",
+    "Prowler",
+    "Qualys",
+    "Reapsaw",
+    "Security",
+    "Semgrep",
+    "ShiftLeft",
+    "Snyk",
+    "SonarQube",
+    "Sysdig",
+    "Tenable",
+    "Veracode",
+    "Wiz",
+    "Zap",
+    "Container",
+    "Barrier",
+    "Queue",
+    "HarnessApproval",
+    "CustomApproval",
+    "JiraApproval",
+    "JiraCreate",
+    "JiraUpdate",
+    "ServiceNowApproval",
+    "ServiceNowCreate",
+    "ServiceNowUpdate",
+    "ShellScript",
+    "Http",
+    "Email",
+    "Wait",
+    "Policy",
+    "IACMTerraformPlugin",
+    "IACMApproval",
+    "K8sCanaryDeploy",
+    "K8sCanaryDelete",
+    "K8sRollingDeploy",
+    "K8sRollingRollback",
+    "K8sApply",
+    "K8sDelete",
+    "K8sBlueGreenDeploy",
+    "K8sBGSwapServices",
+    "K8sScale",
+    "HelmDeploy",
+    "HelmRollback",
+    "TerraformApply",
+    "TerraformPlan",
+    "TerraformDestroy",
+    "TerraformRollback",
+    "Verify",
+    "FlagConfiguration",
+    "Command",
+    "DownloadArtifact",
 ];
 
 const RUN_TYPES: &[&str] = &["Run", "Background"];
 
 // `template` is acted on in each place it may appear (pipeline, stage, step group, step): it
 // is reported as not supported rather than as an unknown key.
-const STEP_ACTED: &[&str] =
-    &["identifier", "name", "type", "spec", "timeout", "when", "failureStrategies", "strategy", "template"];
+const STEP_ACTED: &[&str] = &[
+    "identifier",
+    "name",
+    "type",
+    "spec",
+    "timeout",
+    "when",
+    "failureStrategies",
+    "strategy",
+    "template",
+];
 const STEP_IGNORED: &[&str] = &["enforce"];
 
 const SPEC_COMMON: &[&str] = &[
-    "image", "shell", "command", "entrypoint", "envVariables", "portBindings", "privileged",
-    "runAsUser", "imagePullPolicy", "resources", "reports",
+    "image",
+    "shell",
+    "command",
+    "entrypoint",
+    "envVariables",
+    "portBindings",
+    "privileged",
+    "runAsUser",
+    "imagePullPolicy",
+    "resources",
+    "reports",
 ];
 const SPEC_RUN_ONLY: &[&str] = &["outputVariables"];
 /// stagehand's own extensions (documented in the README).
 const SPEC_EXTENSIONS: &[&str] = &["healthCheck", "dependsOn"];
-const HEALTH_KEYS: &[&str] = &["tcp", "http", "exec", "log", "interval", "timeout", "startPeriod", "retries", "deadline"];
+const HEALTH_KEYS: &[&str] = &[
+    "tcp",
+    "http",
+    "exec",
+    "log",
+    "interval",
+    "timeout",
+    "startPeriod",
+    "retries",
+    "deadline",
+];
 const SPEC_IGNORED: &[&str] = &["connectorRef"];
 
-const GROUP_ACTED: &[&str] =
-    &["identifier", "name", "steps", "when", "failureStrategies", "strategy", "template"];
-const GROUP_IGNORED: &[&str] = &["delegateSelectors", "sharedPaths", "stepGroupInfra", "variables"];
+const GROUP_ACTED: &[&str] = &[
+    "identifier",
+    "name",
+    "steps",
+    "when",
+    "failureStrategies",
+    "strategy",
+    "template",
+];
+const GROUP_IGNORED: &[&str] = &[
+    "delegateSelectors",
+    "sharedPaths",
+    "stepGroupInfra",
+    "variables",
+];
 
-const STAGE_ACTED: &[&str] =
-    &["identifier", "name", "type", "spec", "variables", "when", "failureStrategies", "strategy", "template"];
-const STAGE_IGNORED: &[&str] =
-    &["delegateSelectors", "tags", "timeout", "runMode", "pipelineVariables"];
+const STAGE_ACTED: &[&str] = &[
+    "identifier",
+    "name",
+    "type",
+    "spec",
+    "variables",
+    "when",
+    "failureStrategies",
+    "strategy",
+    "template",
+];
+const STAGE_IGNORED: &[&str] = &[
+    "delegateSelectors",
+    "tags",
+    "timeout",
+    "runMode",
+    "pipelineVariables",
+];
 
 // `serviceDependencies` (the legacy form of Background steps) is reported as not supported.
 const CI_SPEC_ACTED: &[&str] = &["execution", "infrastructure", "serviceDependencies"];
 const CI_SPEC_IGNORED: &[&str] = &[
-    "buildIntelligence", "caching", "cloneCodebase", "platform", "runtime", "sharedPaths",
-    "slsa_provenance", "delegateSelectors",
+    "buildIntelligence",
+    "caching",
+    "cloneCodebase",
+    "platform",
+    "runtime",
+    "sharedPaths",
+    "slsa_provenance",
+    "delegateSelectors",
 ];
 
 const PIPELINE_ACTED: &[&str] = &["identifier", "name", "stages", "variables", "template"];
 const PIPELINE_IGNORED: &[&str] = &[
-    "allowStageExecutions", "delegateSelectors", "fixedInputsOnRerun", "flowControl",
-    "notificationRules", "orgIdentifier", "projectIdentifier", "properties", "tags", "timeout",
+    "allowStageExecutions",
+    "delegateSelectors",
+    "fixedInputsOnRerun",
+    "flowControl",
+    "notificationRules",
+    "orgIdentifier",
+    "projectIdentifier",
+    "properties",
+    "tags",
+    "timeout",
     "gitConfig",
 ];
 
@@ -112,20 +274,35 @@ pub struct Loader<'a> {
 /// Load a whole document. Returns `None` only when its shape is too broken to go on (no
 /// `pipeline:` or `stage:` at the top); every other problem is a diagnostic.
 pub fn load(root: &Node, diags: &mut Diagnostics) -> Option<Pipeline> {
-    let mut l = Loader { diags, texts_seen: 0 };
+    let mut l = Loader {
+        diags,
+        texts_seen: 0,
+    };
     l.document(root)
 }
 
 impl Loader<'_> {
     fn document(&mut self, root: &Node) -> Option<Pipeline> {
         let Some(entries) = root.as_map() else {
-            self.diags.error(root.pos, format!("expected a mapping with `pipeline:` at the top, found {}", root.kind()));
+            self.diags.error(
+                root.pos,
+                format!(
+                    "expected a mapping with `pipeline:` at the top, found {}",
+                    root.kind()
+                ),
+            );
             return None;
         };
         if let Some(p) = root.get("pipeline") {
             for (k, _) in entries {
                 if k.name != "pipeline" {
-                    self.diags.warning(k.pos, format!("unknown top-level key `{}` (only `pipeline:` is read)", k.name));
+                    self.diags.warning(
+                        k.pos,
+                        format!(
+                            "unknown top-level key `{}` (only `pipeline:` is read)",
+                            k.name
+                        ),
+                    );
                 }
             }
             return self.pipeline(p);
@@ -145,17 +322,33 @@ impl Loader<'_> {
         let first = &entries.first()?.0;
         let hint = did_you_mean(&first.name, &["pipeline", "stage"])
             .map(|s| format!("did you mean `{s}`?"))
-            .unwrap_or_else(|| "a pipeline file starts with `pipeline:` (or a single `stage:`)".into());
-        self.diags.error_hint(first.pos, format!("expected `pipeline:` at the top, found `{}`", first.name), hint);
+            .unwrap_or_else(|| {
+                "a pipeline file starts with `pipeline:` (or a single `stage:`)".into()
+            });
+        self.diags.error_hint(
+            first.pos,
+            format!("expected `pipeline:` at the top, found `{}`", first.name),
+            hint,
+        );
         None
     }
 
     // ---- generic helpers -------------------------------------------------------------------
 
     /// Check the keys of a mapping. Returns false (after reporting) when `node` is not a mapping.
-    fn keys(&mut self, node: &Node, what: &str, acted: &[&[&str]], ignored: &[&str], strict: Strictness) -> bool {
+    fn keys(
+        &mut self,
+        node: &Node,
+        what: &str,
+        acted: &[&[&str]],
+        ignored: &[&str],
+        strict: Strictness,
+    ) -> bool {
         let Some(entries) = node.as_map() else {
-            self.diags.error(node.pos, format!("{what} must be a mapping, found {}", node.kind()));
+            self.diags.error(
+                node.pos,
+                format!("{what} must be a mapping, found {}", node.kind()),
+            );
             return false;
         };
         for (k, _) in entries {
@@ -173,9 +366,11 @@ impl Loader<'_> {
             let hint = did_you_mean(name, &all).map(|s| format!("did you mean `{s}`?"));
             match (strict, hint) {
                 (Strictness::Error, Some(h)) => self.diags.error_hint(k.pos, msg, h),
-                (Strictness::Error, None) => {
-                    self.diags.error_hint(k.pos, msg, format!("known keys here: {}", all.join(", ")))
-                }
+                (Strictness::Error, None) => self.diags.error_hint(
+                    k.pos,
+                    msg,
+                    format!("known keys here: {}", all.join(", ")),
+                ),
                 (Strictness::Warn, Some(h)) => self.diags.warning(k.pos, format!("{msg} ({h})")),
                 (Strictness::Warn, None) => self.diags.warning(k.pos, msg),
             }
@@ -191,7 +386,10 @@ impl Loader<'_> {
             }
             None if node.is_null() => None,
             None => {
-                self.diags.error(node.pos, format!("{what} must be a string, found {}", node.kind()));
+                self.diags.error(
+                    node.pos,
+                    format!("{what} must be a string, found {}", node.kind()),
+                );
                 None
             }
         }
@@ -202,12 +400,14 @@ impl Loader<'_> {
             Some(n) => {
                 let t = self.text(n, &format!("`{key}` of {what}"));
                 if t.is_none() && n.is_null() {
-                    self.diags.error(n.pos, format!("`{key}` of {what} is empty"));
+                    self.diags
+                        .error(n.pos, format!("`{key}` of {what} is empty"));
                 }
                 t
             }
             None => {
-                self.diags.error(parent.pos, format!("{what} has no `{key}`"));
+                self.diags
+                    .error(parent.pos, format!("{what} has no `{key}`"));
                 None
             }
         }
@@ -231,7 +431,10 @@ impl Loader<'_> {
             Value::Scalar(Scalar::Str(s)) if s == "true" || s == "false" => Some(s == "true"),
             Value::Scalar(Scalar::Str(s)) if is_unresolved(s) => None,
             _ => {
-                self.diags.error(node.pos, format!("{what} must be true or false, found {}", node.kind()));
+                self.diags.error(
+                    node.pos,
+                    format!("{what} must be true or false, found {}", node.kind()),
+                );
                 None
             }
         }
@@ -242,7 +445,10 @@ impl Loader<'_> {
             Value::Seq(items) => items,
             Value::Scalar(Scalar::Null) => &[],
             _ => {
-                self.diags.error(node.pos, format!("{what} must be a list, found {}", node.kind()));
+                self.diags.error(
+                    node.pos,
+                    format!("{what} must be a list, found {}", node.kind()),
+                );
                 &[]
             }
         }
@@ -250,24 +456,35 @@ impl Loader<'_> {
 
     fn check_unique(&mut self, seen: &mut HashSet<String>, id: &str, pos: Pos, scope: &str) {
         if !seen.insert(id.to_string()) {
-            self.diags.error(pos, format!("identifier `{id}` is used twice in {scope}"));
+            self.diags
+                .error(pos, format!("identifier `{id}` is used twice in {scope}"));
         }
     }
 
     // ---- pipeline and stages ---------------------------------------------------------------
 
     fn pipeline(&mut self, p: &Node) -> Option<Pipeline> {
-        if !self.keys(p, "the pipeline", &[PIPELINE_ACTED], PIPELINE_IGNORED, Strictness::Warn) {
+        if !self.keys(
+            p,
+            "the pipeline",
+            &[PIPELINE_ACTED],
+            PIPELINE_IGNORED,
+            Strictness::Warn,
+        ) {
             return None;
         }
         if p.get("template").is_some() {
-            self.diags.unsupported(p.get("template").unwrap().pos, "a pipeline `template`");
+            self.diags
+                .unsupported(p.get("template").unwrap().pos, "a pipeline `template`");
         }
         let identifier = match p.get("identifier") {
             Some(_) => self.identifier(p, "the pipeline").unwrap_or_default(),
             None => "pipeline".into(),
         };
-        let name = p.get("name").and_then(|n| n.as_text()).unwrap_or_else(|| identifier.clone());
+        let name = p
+            .get("name")
+            .and_then(|n| n.as_text())
+            .unwrap_or_else(|| identifier.clone());
         let variables = match p.get("variables") {
             Some(v) => self.variables(v, "pipeline"),
             None => vec![],
@@ -287,32 +504,55 @@ impl Loader<'_> {
                 }
             }
         }
-        Some(Pipeline { name, identifier, variables, stages, single_stage: false })
+        Some(Pipeline {
+            name,
+            identifier,
+            variables,
+            stages,
+            single_stage: false,
+        })
     }
 
     fn stage_item(&mut self, item: &Node, stages: &mut Vec<Stage>, seen: &mut HashSet<String>) {
         let Some(entries) = item.as_map() else {
-            self.diags.error(item.pos, format!("an entry of `stages` must be `- stage:` or `- parallel:`, found {}", item.kind()));
+            self.diags.error(
+                item.pos,
+                format!(
+                    "an entry of `stages` must be `- stage:` or `- parallel:`, found {}",
+                    item.kind()
+                ),
+            );
             return;
         };
         for (k, v) in entries {
             match k.name.as_str() {
                 "stage" => {
                     if let Some(s) = self.stage(v, k.pos) {
-                        self.check_unique(seen, &s.identifier.clone(), s.pos, "the pipeline's stages");
+                        self.check_unique(
+                            seen,
+                            &s.identifier.clone(),
+                            s.pos,
+                            "the pipeline's stages",
+                        );
                         stages.push(s);
                     }
                 }
                 "parallel" => {
-                    self.diags.warning(k.pos, "stages in a `parallel` block run one after another in stagehand");
+                    self.diags.warning(
+                        k.pos,
+                        "stages in a `parallel` block run one after another in stagehand",
+                    );
                     for inner in self.seq(v, "`parallel`") {
                         self.stage_item(inner, stages, seen);
                     }
                 }
                 "insert" => self.diags.unsupported(k.pos, "`insert`"),
                 other => {
-                    let hint = did_you_mean(other, &["stage", "parallel"]).map(|s| format!("did you mean `{s}`?"));
-                    let msg = format!("unknown entry `{other}` in `stages` (expected `stage` or `parallel`)");
+                    let hint = did_you_mean(other, &["stage", "parallel"])
+                        .map(|s| format!("did you mean `{s}`?"));
+                    let msg = format!(
+                        "unknown entry `{other}` in `stages` (expected `stage` or `parallel`)"
+                    );
                     match hint {
                         Some(h) => self.diags.error_hint(k.pos, msg, h),
                         None => self.diags.error(k.pos, msg),
@@ -323,28 +563,47 @@ impl Loader<'_> {
     }
 
     fn stage(&mut self, s: &Node, key_pos: Pos) -> Option<Stage> {
-        if !self.keys(s, "a stage", &[STAGE_ACTED], STAGE_IGNORED, Strictness::Warn) {
+        if !self.keys(
+            s,
+            "a stage",
+            &[STAGE_ACTED],
+            STAGE_IGNORED,
+            Strictness::Warn,
+        ) {
             return None;
         }
         let pos = key_pos;
         let identifier = self.identifier(s, "a stage").unwrap_or_default();
-        let name = s.get("name").and_then(|n| n.as_text()).unwrap_or_else(|| identifier.clone());
+        let name = s
+            .get("name")
+            .and_then(|n| n.as_text())
+            .unwrap_or_else(|| identifier.clone());
         let mut unsupported = false;
         if let Some(t) = s.get("template") {
-            self.diags.unsupported(t.pos, format!("stage `{identifier}` uses a `template`, which"));
+            self.diags.unsupported(
+                t.pos,
+                format!("stage `{identifier}` uses a `template`, which"),
+            );
             unsupported = true;
         }
         if let Some(t) = s.get("type") {
             let ty = t.as_text().unwrap_or_default();
             if ty != "CI" && !is_unresolved(&ty) {
-                self.diags.unsupported(t.pos, format!("stage `{identifier}` of type `{ty}`: only CI stages run; this"));
+                self.diags.unsupported(
+                    t.pos,
+                    format!("stage `{identifier}` of type `{ty}`: only CI stages run; this"),
+                );
                 unsupported = true;
             }
         } else if s.get("template").is_none() {
-            self.diags.error(s.pos, format!("stage `{identifier}` has no `type` (CI stages say `type: CI`)"));
+            self.diags.error(
+                s.pos,
+                format!("stage `{identifier}` has no `type` (CI stages say `type: CI`)"),
+            );
         }
         if let Some(st) = s.get("strategy") {
-            self.diags.unsupported(st.pos, "a looping `strategy` on a stage");
+            self.diags
+                .unsupported(st.pos, "a looping `strategy` on a stage");
             unsupported = true;
         }
         let variables = match s.get("variables") {
@@ -359,26 +618,58 @@ impl Loader<'_> {
         let mut steps = Vec::new();
         let mut volumes = Vec::new();
         if unsupported {
-            return Some(Stage { identifier, name, variables, when, failure_strategies, steps, volumes, unsupported, pos });
+            return Some(Stage {
+                identifier,
+                name,
+                variables,
+                when,
+                failure_strategies,
+                steps,
+                volumes,
+                unsupported,
+                pos,
+            });
         }
         match s.get("spec") {
-            None => self.diags.error(s.pos, format!("stage `{identifier}` has no `spec`")),
+            None => self
+                .diags
+                .error(s.pos, format!("stage `{identifier}` has no `spec`")),
             Some(spec) => {
-                if self.keys(spec, "a CI stage's `spec`", &[CI_SPEC_ACTED], CI_SPEC_IGNORED, Strictness::Warn) {
+                if self.keys(
+                    spec,
+                    "a CI stage's `spec`",
+                    &[CI_SPEC_ACTED],
+                    CI_SPEC_IGNORED,
+                    Strictness::Warn,
+                ) {
                     if let Some(sd) = spec.get("serviceDependencies") {
-                        self.diags.unsupported(sd.pos, "`serviceDependencies` (use Background steps)");
+                        self.diags
+                            .unsupported(sd.pos, "`serviceDependencies` (use Background steps)");
                     }
                     if let Some(infra) = spec.get("infrastructure") {
                         volumes = self.infrastructure(infra);
                     }
                     match spec.get("execution") {
-                        None => self.diags.error(spec.pos, format!("stage `{identifier}` has no `spec.execution`")),
+                        None => self.diags.error(
+                            spec.pos,
+                            format!("stage `{identifier}` has no `spec.execution`"),
+                        ),
                         Some(ex) => {
-                            if self.keys(ex, "`execution`", &[&["steps"]], &["rollbackSteps"], Strictness::Warn) {
+                            if self.keys(
+                                ex,
+                                "`execution`",
+                                &[&["steps"]],
+                                &["rollbackSteps"],
+                                Strictness::Warn,
+                            ) {
                                 match ex.get("steps") {
                                     None => self.diags.error(ex.pos, "`execution` has no `steps`"),
                                     Some(list) => {
-                                        steps = self.items(list, false, &format!("stage `{identifier}`"));
+                                        steps = self.items(
+                                            list,
+                                            false,
+                                            &format!("stage `{identifier}`"),
+                                        );
                                         if list.as_seq().is_some_and(|s| s.is_empty()) {
                                             self.diags.error(list.pos, "`steps` is empty");
                                         }
@@ -390,7 +681,17 @@ impl Loader<'_> {
                 }
             }
         }
-        Some(Stage { identifier, name, variables, when, failure_strategies, steps, volumes, unsupported, pos })
+        Some(Stage {
+            identifier,
+            name,
+            variables,
+            when,
+            failure_strategies,
+            steps,
+            volumes,
+            unsupported,
+            pos,
+        })
     }
 
     fn infrastructure(&mut self, infra: &Node) -> Vec<Volume> {
@@ -398,12 +699,20 @@ impl Loader<'_> {
         // Harness infrastructure and is ignored as a whole.
         let mut out = Vec::new();
         self.diags.ignore("infrastructure (all but spec.volumes)");
-        let Some(vols) = infra.get("spec").and_then(|s| s.get("volumes")) else { return out };
+        let Some(vols) = infra.get("spec").and_then(|s| s.get("volumes")) else {
+            return out;
+        };
         for v in self.seq(vols, "`infrastructure.spec.volumes`") {
             let ty = v.get("type").and_then(|t| t.as_text()).unwrap_or_default();
             match v.get("mountPath").and_then(|m| m.as_text()) {
-                Some(mp) if ty == "EmptyDir" || ty.is_empty() => out.push(Volume { mount_path: mp, pos: v.pos }),
-                Some(_) => self.diags.warning(v.pos, format!("volume of type `{ty}` is ignored (only EmptyDir volumes are created)")),
+                Some(mp) if ty == "EmptyDir" || ty.is_empty() => out.push(Volume {
+                    mount_path: mp,
+                    pos: v.pos,
+                }),
+                Some(_) => self.diags.warning(
+                    v.pos,
+                    format!("volume of type `{ty}` is ignored (only EmptyDir volumes are created)"),
+                ),
                 None => self.diags.error(v.pos, "a volume needs a `mountPath`"),
             }
         }
@@ -413,16 +722,33 @@ impl Loader<'_> {
     fn variables(&mut self, node: &Node, scope: &str) -> Vec<Variable> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
-        let strict = if scope == "stage" { Strictness::Error } else { Strictness::Warn };
+        let strict = if scope == "stage" {
+            Strictness::Error
+        } else {
+            Strictness::Warn
+        };
         for v in self.seq(node, &format!("{scope} `variables`")) {
-            if !self.keys(v, &format!("a {scope} variable"), &[VARIABLE_KEYS], &[], strict) {
+            if !self.keys(
+                v,
+                &format!("a {scope} variable"),
+                &[VARIABLE_KEYS],
+                &[],
+                strict,
+            ) {
                 continue;
             }
-            let Some(name) = self.required_text(v, "name", &format!("a {scope} variable")) else { continue };
+            let Some(name) = self.required_text(v, "name", &format!("a {scope} variable")) else {
+                continue;
+            };
             if !valid_variable_name(&name.value) {
                 self.diags.error(name.pos, format!("invalid variable name `{}`: use letters, digits, `_`, `.`, `$` and `-`, starting with a letter or `_`", name.value));
             }
-            self.check_unique(&mut seen, &name.value, name.pos, &format!("the {scope} variables"));
+            self.check_unique(
+                &mut seen,
+                &name.value,
+                name.pos,
+                &format!("the {scope} variables"),
+            );
             let var_type = match v.get("type").and_then(|t| t.as_text()).as_deref() {
                 None | Some("String") => VarType::String,
                 Some("Number") => VarType::Number,
@@ -433,25 +759,44 @@ impl Loader<'_> {
                     let hint = did_you_mean(other, &["String", "Number", "Secret"])
                         .map(|h| format!("did you mean `{h}`?"))
                         .unwrap_or_else(|| "variable types: String, Number, Secret".into());
-                    self.diags.error_hint(pos, format!("unknown variable type `{other}`"), hint);
+                    self.diags
+                        .error_hint(pos, format!("unknown variable type `{other}`"), hint);
                     VarType::String
                 }
             };
             let value = match v.get("value") {
                 Some(n) if n.is_null() => Text::new("", n.pos),
-                Some(n) => self.text(n, &format!("the value of variable `{}`", name.value)).unwrap_or(Text::new("", n.pos)),
+                Some(n) => self
+                    .text(n, &format!("the value of variable `{}`", name.value))
+                    .unwrap_or(Text::new("", n.pos)),
                 None => match v.get("default").and_then(|d| d.as_text()) {
                     Some(d) => Text::new(d, v.pos),
                     None => {
-                        self.diags.error(v.pos, format!("variable `{}` has no `value`", name.value));
+                        self.diags
+                            .error(v.pos, format!("variable `{}` has no `value`", name.value));
                         Text::new("", v.pos)
                     }
                 },
             };
-            if var_type == VarType::Number && !is_unresolved(&value.value) && !value.value.contains("<+") && value.value.parse::<f64>().is_err() {
-                self.diags.error(value.pos, format!("variable `{}` is a Number but its value `{}` is not a number", name.value, value.value));
+            if var_type == VarType::Number
+                && !is_unresolved(&value.value)
+                && !value.value.contains("<+")
+                && value.value.parse::<f64>().is_err()
+            {
+                self.diags.error(
+                    value.pos,
+                    format!(
+                        "variable `{}` is a Number but its value `{}` is not a number",
+                        name.value, value.value
+                    ),
+                );
             }
-            out.push(Variable { name: name.value, var_type, value, pos: v.pos });
+            out.push(Variable {
+                name: name.value,
+                var_type,
+                value,
+                pos: v.pos,
+            });
         }
         out
     }
@@ -470,7 +815,13 @@ impl Loader<'_> {
         out
     }
 
-    fn item(&mut self, item: &Node, in_group: bool, scope: &str, seen: &mut HashSet<String>) -> Option<Item> {
+    fn item(
+        &mut self,
+        item: &Node,
+        in_group: bool,
+        scope: &str,
+        seen: &mut HashSet<String>,
+    ) -> Option<Item> {
         let Some(entries) = item.as_map() else {
             self.diags.error(item.pos, format!("an entry of `steps` must be `- step:`, `- parallel:` or `- stepGroup:`, found {}", item.kind()));
             return None;
@@ -489,7 +840,10 @@ impl Loader<'_> {
                     for inner in self.seq(v, "`parallel`") {
                         if let Some(i) = self.item(inner, in_group, scope, seen) {
                             if matches!(i, Item::Parallel(..)) {
-                                self.diags.error(inner.pos, "a `parallel` block cannot hold another `parallel` directly");
+                                self.diags.error(
+                                    inner.pos,
+                                    "a `parallel` block cannot hold another `parallel` directly",
+                                );
                             }
                             members.push(i);
                         }
@@ -503,7 +857,8 @@ impl Loader<'_> {
                     if in_group {
                         // Harness nests step groups (its schema allows `stepGroup` in a group's
                         // `steps`); stagehand's plan has one level of groups.
-                        self.diags.unsupported(k.pos, "a `stepGroup` inside another step group");
+                        self.diags
+                            .unsupported(k.pos, "a `stepGroup` inside another step group");
                         continue;
                     }
                     if let Some(g) = self.group(v, k.pos) {
@@ -516,8 +871,14 @@ impl Loader<'_> {
                 other => {
                     let hint = did_you_mean(other, &["step", "parallel", "stepGroup"])
                         .map(|s| format!("did you mean `{s}`?"))
-                        .unwrap_or_else(|| "an entry of `steps` is `step`, `parallel` or `stepGroup`".into());
-                    self.diags.error_hint(k.pos, format!("unknown entry `{other}` in `steps`"), hint);
+                        .unwrap_or_else(|| {
+                            "an entry of `steps` is `step`, `parallel` or `stepGroup`".into()
+                        });
+                    self.diags.error_hint(
+                        k.pos,
+                        format!("unknown entry `{other}` in `steps`"),
+                        hint,
+                    );
                 }
             }
         }
@@ -525,11 +886,20 @@ impl Loader<'_> {
     }
 
     fn group(&mut self, g: &Node, key_pos: Pos) -> Option<Group> {
-        if !self.keys(g, "a step group", &[GROUP_ACTED], GROUP_IGNORED, Strictness::Error) {
+        if !self.keys(
+            g,
+            "a step group",
+            &[GROUP_ACTED],
+            GROUP_IGNORED,
+            Strictness::Error,
+        ) {
             return None;
         }
         let identifier = self.identifier(g, "a step group").unwrap_or_default();
-        let name = g.get("name").and_then(|n| n.as_text()).unwrap_or_else(|| identifier.clone());
+        let name = g
+            .get("name")
+            .and_then(|n| n.as_text())
+            .unwrap_or_else(|| identifier.clone());
         if let Some(t) = g.get("template") {
             self.diags.unsupported(t.pos, "a step group `template`");
         }
@@ -542,18 +912,28 @@ impl Loader<'_> {
         let steps = match g.get("steps") {
             Some(list) => {
                 if list.as_seq().is_some_and(|s| s.is_empty()) {
-                    self.diags.error(list.pos, format!("step group `{identifier}` has no steps"));
+                    self.diags
+                        .error(list.pos, format!("step group `{identifier}` has no steps"));
                 }
                 self.items(list, true, &format!("step group `{identifier}`"))
             }
             None => {
                 if g.get("template").is_none() {
-                    self.diags.error(g.pos, format!("step group `{identifier}` has no `steps`"));
+                    self.diags
+                        .error(g.pos, format!("step group `{identifier}` has no `steps`"));
                 }
                 vec![]
             }
         };
-        Some(Group { identifier, name, steps, when, failure_strategies, strategy, pos: key_pos })
+        Some(Group {
+            identifier,
+            name,
+            steps,
+            when,
+            failure_strategies,
+            strategy,
+            pos: key_pos,
+        })
     }
 
     fn step(&mut self, s: &Node, key_pos: Pos) -> Option<Step> {
@@ -561,14 +941,21 @@ impl Loader<'_> {
             return None;
         }
         let identifier = self.identifier(s, "a step").unwrap_or_default();
-        let name = s.get("name").and_then(|n| n.as_text()).unwrap_or_else(|| identifier.clone());
+        let name = s
+            .get("name")
+            .and_then(|n| n.as_text())
+            .unwrap_or_else(|| identifier.clone());
         if let Some(t) = s.get("template") {
-            self.diags.unsupported(t.pos, format!("step `{identifier}` uses a `template`, which"));
+            self.diags.unsupported(
+                t.pos,
+                format!("step `{identifier}` uses a `template`, which"),
+            );
             return Some(self.placeholder_step(identifier, name, "template", key_pos));
         }
         let kind = match s.get("type") {
             None => {
-                self.diags.error(s.pos, format!("step `{identifier}` has no `type`"));
+                self.diags
+                    .error(s.pos, format!("step `{identifier}` has no `type`"));
                 return None;
             }
             Some(t) => {
@@ -577,15 +964,24 @@ impl Loader<'_> {
                     "Run" => StepKind::Run,
                     "Background" => StepKind::Background,
                     other if KNOWN_STEP_TYPES.contains(&other) => {
-                        self.diags.unsupported(t.pos, format!("step `{identifier}` of type `{other}`: this step type"));
+                        self.diags.unsupported(
+                            t.pos,
+                            format!("step `{identifier}` of type `{other}`: this step type"),
+                        );
                         StepKind::Unsupported(other.to_string())
                     }
                     other => {
                         let hint = did_you_mean(other, RUN_TYPES)
                             .or_else(|| did_you_mean(other, KNOWN_STEP_TYPES))
                             .map(|s| format!("did you mean `{s}`?"))
-                            .unwrap_or_else(|| "stagehand runs `Run` and `Background` steps".into());
-                        self.diags.error_hint(t.pos, format!("unknown step type `{other}` for step `{identifier}`"), hint);
+                            .unwrap_or_else(|| {
+                                "stagehand runs `Run` and `Background` steps".into()
+                            });
+                        self.diags.error_hint(
+                            t.pos,
+                            format!("unknown step type `{other}` for step `{identifier}`"),
+                            hint,
+                        );
                         return None;
                     }
                 }
@@ -609,7 +1005,9 @@ impl Loader<'_> {
             }
         });
         let when = s.get("when").and_then(|w| self.when(w, false));
-        let failure_strategies = s.get("failureStrategies").map(|f| self.failure_strategies(f));
+        let failure_strategies = s
+            .get("failureStrategies")
+            .map(|f| self.failure_strategies(f));
         let strategy = s.get("strategy").and_then(|st| self.strategy(st));
         if kind == StepKind::Background {
             if let Some(f) = s.get("failureStrategies") {
@@ -619,12 +1017,23 @@ impl Loader<'_> {
         let spec = match (&kind, s.get("spec")) {
             (StepKind::Unsupported(_), _) => StepSpec::default(),
             (_, None) => {
-                self.diags.error(s.pos, format!("step `{identifier}` has no `spec`"));
+                self.diags
+                    .error(s.pos, format!("step `{identifier}` has no `spec`"));
                 StepSpec::default()
             }
             (k, Some(spec)) => self.spec(spec, k, &identifier),
         };
-        Some(Step { identifier, name, kind, timeout, when, failure_strategies, strategy, spec, pos: key_pos })
+        Some(Step {
+            identifier,
+            name,
+            kind,
+            timeout,
+            when,
+            failure_strategies,
+            strategy,
+            spec,
+            pos: key_pos,
+        })
     }
 
     fn placeholder_step(&mut self, identifier: String, name: String, what: &str, pos: Pos) -> Step {
@@ -643,7 +1052,11 @@ impl Loader<'_> {
 
     fn spec(&mut self, spec: &Node, kind: &StepKind, id: &str) -> StepSpec {
         let is_run = *kind == StepKind::Run;
-        let what = if is_run { format!("the spec of Run step `{id}`") } else { format!("the spec of Background step `{id}`") };
+        let what = if is_run {
+            format!("the spec of Run step `{id}`")
+        } else {
+            format!("the spec of Background step `{id}`")
+        };
         // `outputVariables` passes the key check on Background steps too: it gets its own error
         // below, not a second "unknown key" one.
         let acted: Vec<&[&str]> = vec![SPEC_COMMON, SPEC_RUN_ONLY, SPEC_EXTENSIONS];
@@ -658,15 +1071,21 @@ impl Loader<'_> {
                 self.diags.error(spec.as_map().unwrap().iter().find(|(k, _)| k.name == "outputVariables").map(|(k, _)| k.pos).unwrap_or(o.pos), format!("Background step `{id}` cannot have `outputVariables` (only Run steps export variables)"));
             }
         }
-        out.image = spec.get("image").and_then(|n| self.text(n, "`image`")).filter(|t| !t.value.trim().is_empty());
+        out.image = spec
+            .get("image")
+            .and_then(|n| self.text(n, "`image`"))
+            .filter(|t| !t.value.trim().is_empty());
         if let Some(sh) = spec.get("shell") {
             if let Some(t) = self.text(sh, "`shell`") {
                 match Shell::parse(&t.value) {
                     Some(s) => out.shell = Some(s),
                     None if is_unresolved(&t.value) => {}
                     None => {
-                        let hint = did_you_mean(&t.value, &Shell::NAMES).map(|s| format!("did you mean `{s}`?")).unwrap_or_else(|| "shells: Sh, Bash, Python, Pwsh, PowerShell".into());
-                        self.diags.error_hint(t.pos, format!("unknown shell `{}`", t.value), hint);
+                        let hint = did_you_mean(&t.value, &Shell::NAMES)
+                            .map(|s| format!("did you mean `{s}`?"))
+                            .unwrap_or_else(|| "shells: Sh, Bash, Python, Pwsh, PowerShell".into());
+                        self.diags
+                            .error_hint(t.pos, format!("unknown shell `{}`", t.value), hint);
                     }
                 }
             }
@@ -687,13 +1106,17 @@ impl Loader<'_> {
                         out.entrypoint.push(t);
                     }
                 }
-                Value::Map(_) => self.diags.error(ep.pos, "`entrypoint` must be a list of arguments, found a mapping"),
+                Value::Map(_) => self.diags.error(
+                    ep.pos,
+                    "`entrypoint` must be a list of arguments, found a mapping",
+                ),
             }
         }
         // A `command` of the wrong type has had its error; "no command" is for a missing one.
         let command_missing = spec.get("command").is_none_or(Node::is_null);
         if is_run && command_missing && out.command.is_none() && out.entrypoint.is_empty() {
-            self.diags.error(spec.pos, format!("Run step `{id}` has no `command`"));
+            self.diags
+                .error(spec.pos, format!("Run step `{id}` has no `command`"));
         }
         if let Some(env) = spec.get("envVariables") {
             match &env.value {
@@ -702,12 +1125,23 @@ impl Loader<'_> {
                         if !valid_env_key(&k.name) {
                             self.diags.error(k.pos, format!("invalid environment variable name `{}`: a name cannot be empty or hold `=`", k.name));
                         }
-                        let t = if v.is_null() { Text::new("", v.pos) } else { self.text(v, &format!("environment variable `{}`", k.name)).unwrap_or(Text::new("", v.pos)) };
+                        let t = if v.is_null() {
+                            Text::new("", v.pos)
+                        } else {
+                            self.text(v, &format!("environment variable `{}`", k.name))
+                                .unwrap_or(Text::new("", v.pos))
+                        };
                         out.env.push((k.name.clone(), t));
                     }
                 }
                 Value::Scalar(Scalar::Null) => {}
-                _ => self.diags.error(env.pos, format!("`envVariables` must be a mapping of names to values, found {}", env.kind())),
+                _ => self.diags.error(
+                    env.pos,
+                    format!(
+                        "`envVariables` must be a mapping of names to values, found {}",
+                        env.kind()
+                    ),
+                ),
             }
         }
         if let Some(pb) = spec.get("portBindings") {
@@ -715,23 +1149,40 @@ impl Loader<'_> {
                 Value::Map(entries) => {
                     for (k, v) in entries {
                         let host = self.port(&k.name, k.pos, "host port");
-                        let container = v.as_text().and_then(|t| self.port(&t, v.pos, "container port"));
+                        let container = v
+                            .as_text()
+                            .and_then(|t| self.port(&t, v.pos, "container port"));
                         if v.as_text().is_none() {
-                            self.diags.error(v.pos, format!("a container port must be a number, found {}", v.kind()));
+                            self.diags.error(
+                                v.pos,
+                                format!("a container port must be a number, found {}", v.kind()),
+                            );
                         }
                         if let (Some(host), Some(container)) = (host, container) {
-                            out.port_bindings.push(PortBinding { host, container, pos: k.pos });
+                            out.port_bindings.push(PortBinding {
+                                host,
+                                container,
+                                pos: k.pos,
+                            });
                         }
                     }
                 }
                 Value::Scalar(Scalar::Null) => {}
-                _ => self.diags.error(pb.pos, format!("`portBindings` must map host ports to container ports, found {}", pb.kind())),
+                _ => self.diags.error(
+                    pb.pos,
+                    format!(
+                        "`portBindings` must map host ports to container ports, found {}",
+                        pb.kind()
+                    ),
+                ),
             }
         }
         if let Some(p) = spec.get("privileged") {
             out.privileged = self.bool_value(p, "`privileged`").unwrap_or(false);
         }
-        out.run_as_user = spec.get("runAsUser").and_then(|n| self.text(n, "`runAsUser`"));
+        out.run_as_user = spec
+            .get("runAsUser")
+            .and_then(|n| self.text(n, "`runAsUser`"));
         if let Some(pp) = spec.get("imagePullPolicy") {
             if let Some(t) = self.text(pp, "`imagePullPolicy`") {
                 out.pull_policy = match t.value.as_str() {
@@ -743,7 +1194,11 @@ impl Loader<'_> {
                         let hint = did_you_mean(other, &["Always", "IfNotPresent", "Never"])
                             .map(|h| format!("did you mean `{h}`? (Always, IfNotPresent, Never)"))
                             .unwrap_or_else(|| "use Always, IfNotPresent or Never".into());
-                        self.diags.error_hint(t.pos, format!("unknown imagePullPolicy `{other}`"), hint);
+                        self.diags.error_hint(
+                            t.pos,
+                            format!("unknown imagePullPolicy `{other}`"),
+                            hint,
+                        );
                         None
                     }
                 };
@@ -761,7 +1216,10 @@ impl Loader<'_> {
         }
         if let Some(d) = spec.get("dependsOn") {
             if !is_run {
-                self.diags.error(d.pos, format!("`dependsOn` is for Run steps; Background step `{id}` starts at once"));
+                self.diags.error(
+                    d.pos,
+                    format!("`dependsOn` is for Run steps; Background step `{id}` starts at once"),
+                );
             } else {
                 for item in self.seq(d, "`dependsOn`") {
                     if let Some(t) = self.text(item, "a `dependsOn` entry") {
@@ -777,16 +1235,31 @@ impl Loader<'_> {
             if let Some(ov) = spec.get("outputVariables") {
                 let mut seen = HashSet::new();
                 for v in self.seq(ov, "`outputVariables`") {
-                    if !self.keys(v, "an output variable", &[&["name", "type", "value"]], &[], Strictness::Error) {
+                    if !self.keys(
+                        v,
+                        "an output variable",
+                        &[&["name", "type", "value"]],
+                        &[],
+                        Strictness::Error,
+                    ) {
                         continue;
                     }
-                    let Some(name) = self.required_text(v, "name", "an output variable") else { continue };
+                    let Some(name) = self.required_text(v, "name", "an output variable") else {
+                        continue;
+                    };
                     if !valid_env_name(&name.value) {
                         self.diags.error(name.pos, format!("invalid output variable name `{}`: it must be a shell variable name", name.value));
                     }
                     self.check_unique(&mut seen, &name.value, name.pos, "`outputVariables`");
-                    let secret = v.get("type").and_then(|t| t.as_text()).is_some_and(|t| t == "Secret");
-                    out.output_variables.push(OutputVariable { name: name.value, secret, pos: name.pos });
+                    let secret = v
+                        .get("type")
+                        .and_then(|t| t.as_text())
+                        .is_some_and(|t| t == "Secret");
+                    out.output_variables.push(OutputVariable {
+                        name: name.value,
+                        secret,
+                        pos: name.pos,
+                    });
                 }
             }
         }
@@ -797,43 +1270,75 @@ impl Loader<'_> {
         if !self.keys(h, "`healthCheck`", &[HEALTH_KEYS], &[], Strictness::Error) {
             return None;
         }
-        let probes: Vec<&str> = ["tcp", "http", "exec", "log"].into_iter().filter(|k| h.get(k).is_some()).collect();
+        let probes: Vec<&str> = ["tcp", "http", "exec", "log"]
+            .into_iter()
+            .filter(|k| h.get(k).is_some())
+            .collect();
         if probes.len() != 1 {
-            self.diags.error(h.pos, "`healthCheck` needs exactly one of `tcp`, `http`, `exec` or `log`");
+            self.diags.error(
+                h.pos,
+                "`healthCheck` needs exactly one of `tcp`, `http`, `exec` or `log`",
+            );
             return None;
         }
         let probe = match probes[0] {
             "tcp" => {
                 let n = h.get("tcp").unwrap();
-                Probe::Tcp(self.port(&n.as_text().unwrap_or_default(), n.pos, "health check port")?)
+                Probe::Tcp(self.port(
+                    &n.as_text().unwrap_or_default(),
+                    n.pos,
+                    "health check port",
+                )?)
             }
             "http" => {
                 let n = h.get("http").unwrap();
                 if let Some(p) = n.as_text() {
                     // `http: 8080` is shorthand for `{port: 8080}`.
-                    Probe::Http { port: self.port(&p, n.pos, "health check port")?, path: "/".into(), status: None }
+                    Probe::Http {
+                        port: self.port(&p, n.pos, "health check port")?,
+                        path: "/".into(),
+                        status: None,
+                    }
                 } else {
-                    if !self.keys(n, "`healthCheck.http`", &[&["port", "path", "status"]], &[], Strictness::Error) {
+                    if !self.keys(
+                        n,
+                        "`healthCheck.http`",
+                        &[&["port", "path", "status"]],
+                        &[],
+                        Strictness::Error,
+                    ) {
                         return None;
                     }
                     let Some(pn) = n.get("port") else {
                         self.diags.error(n.pos, "`healthCheck.http` needs a `port`");
                         return None;
                     };
-                    let port = self.port(&pn.as_text().unwrap_or_default(), pn.pos, "health check port")?;
-                    let path = n.get("path").and_then(|p| p.as_text()).unwrap_or_else(|| "/".into());
+                    let port = self.port(
+                        &pn.as_text().unwrap_or_default(),
+                        pn.pos,
+                        "health check port",
+                    )?;
+                    let path = n
+                        .get("path")
+                        .and_then(|p| p.as_text())
+                        .unwrap_or_else(|| "/".into());
                     if !path.starts_with('/') {
-                        self.diags.error(n.get("path").unwrap().pos, format!("health check path `{path}` must start with `/`"));
+                        self.diags.error(
+                            n.get("path").unwrap().pos,
+                            format!("health check path `{path}` must start with `/`"),
+                        );
                     }
                     let status = match n.get("status") {
                         None => None,
-                        Some(sn) => match sn.as_text().and_then(|t| t.parse::<u16>().ok()) {
-                            Some(c) if (100..=599).contains(&c) => Some(c),
-                            _ => {
-                                self.diags.error(sn.pos, "health check `status` must be an HTTP status code such as 200");
-                                None
+                        Some(sn) => {
+                            match sn.as_text().and_then(|t| t.parse::<u16>().ok()) {
+                                Some(c) if (100..=599).contains(&c) => Some(c),
+                                _ => {
+                                    self.diags.error(sn.pos, "health check `status` must be an HTTP status code such as 200");
+                                    None
+                                }
                             }
-                        },
+                        }
                     };
                     Probe::Http { port, path, status }
                 }
@@ -842,7 +1347,13 @@ impl Loader<'_> {
             _ => {
                 let t = self.text(h.get("log").unwrap(), "`healthCheck.log`")?;
                 if let Err(e) = regex::Regex::new(&t.value) {
-                    self.diags.error(t.pos, format!("invalid regular expression in `healthCheck.log`: {}", e.to_string().lines().last().unwrap_or("")));
+                    self.diags.error(
+                        t.pos,
+                        format!(
+                            "invalid regular expression in `healthCheck.log`: {}",
+                            e.to_string().lines().last().unwrap_or("")
+                        ),
+                    );
                     return None;
                 }
                 Probe::Log(t.value)
@@ -864,8 +1375,19 @@ impl Loader<'_> {
         let timeout = dur("timeout", std::time::Duration::from_secs(1));
         let start_period = dur("startPeriod", std::time::Duration::ZERO);
         let deadline = dur("deadline", std::time::Duration::from_secs(300));
-        let retries = h.get("retries").and_then(|n| self.count(n, "`healthCheck.retries`")).map(|r| r as u32);
-        Some(HealthCheck { probe, interval, timeout, start_period, retries, deadline, pos: h.pos })
+        let retries = h
+            .get("retries")
+            .and_then(|n| self.count(n, "`healthCheck.retries`"))
+            .map(|r| r as u32);
+        Some(HealthCheck {
+            probe,
+            interval,
+            timeout,
+            start_period,
+            retries,
+            deadline,
+            pos: h.pos,
+        })
     }
 
     fn port(&mut self, s: &str, pos: Pos, what: &str) -> Option<u16> {
@@ -873,18 +1395,35 @@ impl Loader<'_> {
             Ok(p) if (1..=65535).contains(&p) => Some(p as u16),
             _ if is_unresolved(s) => None,
             _ => {
-                self.diags.error(pos, format!("invalid {what} `{s}`: ports are numbers from 1 to 65535"));
+                self.diags.error(
+                    pos,
+                    format!("invalid {what} `{s}`: ports are numbers from 1 to 65535"),
+                );
                 None
             }
         }
     }
 
     fn resources(&mut self, res: &Node, out: &mut StepSpec) {
-        if !self.keys(res, "`resources`", &[&["limits"]], &["requests"], Strictness::Error) {
+        if !self.keys(
+            res,
+            "`resources`",
+            &[&["limits"]],
+            &["requests"],
+            Strictness::Error,
+        ) {
             return;
         }
-        let Some(limits) = res.get("limits") else { return };
-        if !self.keys(limits, "`resources.limits`", &[&["memory", "cpu"]], &[], Strictness::Error) {
+        let Some(limits) = res.get("limits") else {
+            return;
+        };
+        if !self.keys(
+            limits,
+            "`resources.limits`",
+            &[&["memory", "cpu"]],
+            &[],
+            Strictness::Error,
+        ) {
             return;
         }
         if let Some(m) = limits.get("memory").and_then(|n| self.text(n, "`memory`")) {
@@ -906,14 +1445,24 @@ impl Loader<'_> {
     }
 
     fn reports(&mut self, rep: &Node, out: &mut StepSpec) {
-        if !self.keys(rep, "`reports`", &[&["type", "spec"]], &[], Strictness::Error) {
+        if !self.keys(
+            rep,
+            "`reports`",
+            &[&["type", "spec"]],
+            &[],
+            Strictness::Error,
+        ) {
             return;
         }
         match rep.get("type").and_then(|t| t.as_text()) {
             Some(t) if t == "JUnit" => {}
             Some(t) => {
                 let pos = rep.get("type").unwrap().pos;
-                self.diags.error_hint(pos, format!("unknown report type `{t}`"), "the only report type is `JUnit`");
+                self.diags.error_hint(
+                    pos,
+                    format!("unknown report type `{t}`"),
+                    "the only report type is `JUnit`",
+                );
             }
             None => self.diags.error(rep.pos, "`reports` needs `type: JUnit`"),
         }
@@ -921,7 +1470,13 @@ impl Loader<'_> {
             self.diags.error(rep.pos, "`reports` needs `spec.paths`");
             return;
         };
-        if !self.keys(spec, "`reports.spec`", &[&["paths"]], &[], Strictness::Error) {
+        if !self.keys(
+            spec,
+            "`reports.spec`",
+            &[&["paths"]],
+            &[],
+            Strictness::Error,
+        ) {
             return;
         }
         if let Some(paths) = spec.get("paths") {
@@ -941,13 +1496,26 @@ impl Loader<'_> {
                 return None;
             }
         }
-        let status_key = if stage_level { "pipelineStatus" } else { "stageStatus" };
-        if !self.keys(w, "`when`", &[&[status_key, "condition"]], &[], Strictness::Error) {
+        let status_key = if stage_level {
+            "pipelineStatus"
+        } else {
+            "stageStatus"
+        };
+        if !self.keys(
+            w,
+            "`when`",
+            &[&[status_key, "condition"]],
+            &[],
+            Strictness::Error,
+        ) {
             return None;
         }
         let status = match w.get(status_key) {
             None => {
-                self.diags.error(w.pos, format!("`when` needs `{status_key}` (Success, Failure or All)"));
+                self.diags.error(
+                    w.pos,
+                    format!("`when` needs `{status_key}` (Success, Failure or All)"),
+                );
                 StatusGate::Success
             }
             Some(n) => match n.as_text().as_deref() {
@@ -956,14 +1524,24 @@ impl Loader<'_> {
                 Some("All") => StatusGate::All,
                 other => {
                     let other = other.unwrap_or_default();
-                    let hint = did_you_mean(other, &["Success", "Failure", "All"]).map(|s| format!("did you mean `{s}`?")).unwrap_or_else(|| "use Success, Failure or All".into());
-                    self.diags.error_hint(n.pos, format!("unknown {status_key} `{other}`"), hint);
+                    let hint = did_you_mean(other, &["Success", "Failure", "All"])
+                        .map(|s| format!("did you mean `{s}`?"))
+                        .unwrap_or_else(|| "use Success, Failure or All".into());
+                    self.diags
+                        .error_hint(n.pos, format!("unknown {status_key} `{other}`"), hint);
                     StatusGate::Success
                 }
             },
         };
-        let condition = w.get("condition").and_then(|c| self.text(c, "`condition`")).filter(|c| !c.value.trim().is_empty());
-        Some(When { status, condition, pos: w.pos })
+        let condition = w
+            .get("condition")
+            .and_then(|c| self.text(c, "`condition`"))
+            .filter(|c| !c.value.trim().is_empty());
+        Some(When {
+            status,
+            condition,
+            pos: w.pos,
+        })
     }
 
     fn failure_strategies(&mut self, f: &Node) -> Vec<FailureStrategy> {
@@ -972,32 +1550,75 @@ impl Loader<'_> {
         }
         let mut out = Vec::new();
         for item in self.seq(f, "`failureStrategies`") {
-            if !self.keys(item, "a failure strategy", &[&["onFailure"]], &[], Strictness::Error) {
+            if !self.keys(
+                item,
+                "a failure strategy",
+                &[&["onFailure"]],
+                &[],
+                Strictness::Error,
+            ) {
                 continue;
             }
             let Some(on) = item.get("onFailure") else {
-                self.diags.error(item.pos, "a failure strategy needs `onFailure`");
+                self.diags
+                    .error(item.pos, "a failure strategy needs `onFailure`");
                 continue;
             };
-            if !self.keys(on, "`onFailure`", &[&["errors", "action"]], &[], Strictness::Error) {
+            if !self.keys(
+                on,
+                "`onFailure`",
+                &[&["errors", "action"]],
+                &[],
+                Strictness::Error,
+            ) {
                 continue;
             }
             let mut errors = Vec::new();
             match on.get("errors") {
-                None => self.diags.error(on.pos, "`onFailure` needs `errors` (for example `- AllErrors`)"),
+                None => self.diags.error(
+                    on.pos,
+                    "`onFailure` needs `errors` (for example `- AllErrors`)",
+                ),
                 Some(list) => {
                     for e in self.seq(list, "`errors`") {
-                        let Some(t) = self.text(e, "an error type") else { continue };
+                        let Some(t) = self.text(e, "an error type") else {
+                            continue;
+                        };
                         match t.value.as_str() {
                             "AllErrors" => errors.push(ErrorKind::All),
                             "Timeout" => errors.push(ErrorKind::Timeout),
-                            "Unknown" | "Authentication" | "Authorization" | "Connectivity" | "Verification"
-                            | "DelegateProvisioning" | "PolicyEvaluationFailure" | "InputTimeoutError"
-                            | "ApprovalRejection" | "DelegateRestart" | "UserMarkedFailure" => errors.push(ErrorKind::Other),
+                            "Unknown"
+                            | "Authentication"
+                            | "Authorization"
+                            | "Connectivity"
+                            | "Verification"
+                            | "DelegateProvisioning"
+                            | "PolicyEvaluationFailure"
+                            | "InputTimeoutError"
+                            | "ApprovalRejection"
+                            | "DelegateRestart"
+                            | "UserMarkedFailure" => errors.push(ErrorKind::Other),
                             other => {
-                                let cands = ["AllErrors", "Timeout", "Unknown", "Authentication", "Authorization", "Connectivity", "Verification", "DelegateProvisioning"];
-                                let hint = did_you_mean(other, &cands).map(|s| format!("did you mean `{s}`?")).unwrap_or_else(|| "for example AllErrors, Timeout, Unknown".into());
-                                self.diags.error_hint(t.pos, format!("unknown error type `{other}`"), hint);
+                                let cands = [
+                                    "AllErrors",
+                                    "Timeout",
+                                    "Unknown",
+                                    "Authentication",
+                                    "Authorization",
+                                    "Connectivity",
+                                    "Verification",
+                                    "DelegateProvisioning",
+                                ];
+                                let hint = did_you_mean(other, &cands)
+                                    .map(|s| format!("did you mean `{s}`?"))
+                                    .unwrap_or_else(|| {
+                                        "for example AllErrors, Timeout, Unknown".into()
+                                    });
+                                self.diags.error_hint(
+                                    t.pos,
+                                    format!("unknown error type `{other}`"),
+                                    hint,
+                                );
                             }
                         }
                     }
@@ -1013,13 +1634,23 @@ impl Loader<'_> {
                     None => continue,
                 },
             };
-            out.push(FailureStrategy { errors, action, pos: item.pos });
+            out.push(FailureStrategy {
+                errors,
+                action,
+                pos: item.pos,
+            });
         }
         out
     }
 
     fn action(&mut self, a: &Node, depth: usize) -> Option<Action> {
-        if !self.keys(a, "a failure action", &[&["type", "spec"]], &[], Strictness::Error) {
+        if !self.keys(
+            a,
+            "a failure action",
+            &[&["type", "spec"]],
+            &[],
+            Strictness::Error,
+        ) {
             return None;
         }
         let Some(tn) = a.get("type") else {
@@ -1038,27 +1669,38 @@ impl Loader<'_> {
                 Action::MarkAsFailure
             }
             "ManualIntervention" | "ProceedWithDefaultValues" => {
-                self.diags.unsupported(tn.pos, format!("the failure action `{ty}`"));
+                self.diags
+                    .unsupported(tn.pos, format!("the failure action `{ty}`"));
                 Action::MarkAsFailure
             }
             "Retry" | "RetryStepGroup" if depth == 0 => {
                 let Some(spec) = a.get("spec") else {
-                    self.diags.error(a.pos, "a Retry action needs `spec.retryCount`");
+                    self.diags
+                        .error(a.pos, "a Retry action needs `spec.retryCount`");
                     return None;
                 };
-                if !self.keys(spec, "a Retry spec", &[&["retryCount", "retryIntervals", "onRetryFailure"]], &["condition"], Strictness::Error) {
+                if !self.keys(
+                    spec,
+                    "a Retry spec",
+                    &[&["retryCount", "retryIntervals", "onRetryFailure"]],
+                    &["condition"],
+                    Strictness::Error,
+                ) {
                     return None;
                 }
                 let count = match spec.get("retryCount").and_then(|n| n.as_text()) {
-                    Some(c) => match c.parse::<u32>() {
-                        Ok(n) if n >= 1 => n,
-                        _ => {
-                            self.diags.error(spec.get("retryCount").unwrap().pos, format!("`retryCount` must be a whole number of at least 1, found `{c}`"));
-                            1
+                    Some(c) => {
+                        match c.parse::<u32>() {
+                            Ok(n) if n >= 1 => n,
+                            _ => {
+                                self.diags.error(spec.get("retryCount").unwrap().pos, format!("`retryCount` must be a whole number of at least 1, found `{c}`"));
+                                1
+                            }
                         }
-                    },
+                    }
                     None => {
-                        self.diags.error(spec.pos, "a Retry action needs `retryCount`");
+                        self.diags
+                            .error(spec.pos, "a Retry action needs `retryCount`");
                         1
                     }
                 };
@@ -1076,48 +1718,91 @@ impl Loader<'_> {
                 let on_retry_failure = match spec.get("onRetryFailure") {
                     None => Action::MarkAsFailure,
                     Some(orf) => {
-                        if !self.keys(orf, "`onRetryFailure`", &[&["action"]], &[], Strictness::Error) {
+                        if !self.keys(
+                            orf,
+                            "`onRetryFailure`",
+                            &[&["action"]],
+                            &[],
+                            Strictness::Error,
+                        ) {
                             return None;
                         }
                         match orf.get("action") {
                             Some(a2) => self.action(a2, depth + 1)?,
                             None => {
-                                self.diags.error(orf.pos, "`onRetryFailure` needs an `action`");
+                                self.diags
+                                    .error(orf.pos, "`onRetryFailure` needs an `action`");
                                 Action::MarkAsFailure
                             }
                         }
                     }
                 };
-                Action::Retry { count, intervals, on_retry_failure: Box::new(on_retry_failure) }
+                Action::Retry {
+                    count,
+                    intervals,
+                    on_retry_failure: Box::new(on_retry_failure),
+                }
             }
             "Retry" | "RetryStepGroup" => {
-                self.diags.error(tn.pos, "`onRetryFailure` cannot retry again");
+                self.diags
+                    .error(tn.pos, "`onRetryFailure` cannot retry again");
                 return None;
             }
             other => {
-                let cands = ["Ignore", "MarkAsSuccess", "MarkAsFailure", "Abort", "Retry", "StageRollback", "PipelineRollback", "ManualIntervention"];
-                let hint = did_you_mean(other, &cands).map(|s| format!("did you mean `{s}`?")).unwrap_or_else(|| format!("actions: {}", cands.join(", ")));
-                self.diags.error_hint(tn.pos, format!("unknown failure action `{other}`"), hint);
+                let cands = [
+                    "Ignore",
+                    "MarkAsSuccess",
+                    "MarkAsFailure",
+                    "Abort",
+                    "Retry",
+                    "StageRollback",
+                    "PipelineRollback",
+                    "ManualIntervention",
+                ];
+                let hint = did_you_mean(other, &cands)
+                    .map(|s| format!("did you mean `{s}`?"))
+                    .unwrap_or_else(|| format!("actions: {}", cands.join(", ")));
+                self.diags
+                    .error_hint(tn.pos, format!("unknown failure action `{other}`"), hint);
                 return None;
             }
         })
     }
 
     fn strategy(&mut self, s: &Node) -> Option<Strategy> {
-        if !self.keys(s, "a looping `strategy`", &[&["matrix", "parallelism", "repeat"]], &["onFailure", "when"], Strictness::Error) {
+        if !self.keys(
+            s,
+            "a looping `strategy`",
+            &[&["matrix", "parallelism", "repeat"]],
+            &["onFailure", "when"],
+            Strictness::Error,
+        ) {
             return None;
         }
-        let present: Vec<&str> = ["matrix", "parallelism", "repeat"].into_iter().filter(|k| s.get(k).is_some()).collect();
+        let present: Vec<&str> = ["matrix", "parallelism", "repeat"]
+            .into_iter()
+            .filter(|k| s.get(k).is_some())
+            .collect();
         if present.len() != 1 {
-            self.diags.error(s.pos, "a `strategy` needs exactly one of `matrix`, `parallelism` or `repeat`");
+            self.diags.error(
+                s.pos,
+                "a `strategy` needs exactly one of `matrix`, `parallelism` or `repeat`",
+            );
             return None;
         }
         if let Some(m) = s.get("matrix") {
             let Some(entries) = m.as_map() else {
                 if m.as_text().is_some_and(|t| t.contains("<+")) {
-                    self.diags.unsupported(m.pos, "a `matrix` given as an expression");
+                    self.diags
+                        .unsupported(m.pos, "a `matrix` given as an expression");
                 } else {
-                    self.diags.error(m.pos, format!("`matrix` must be a mapping of axes to lists, found {}", m.kind()));
+                    self.diags.error(
+                        m.pos,
+                        format!(
+                            "`matrix` must be a mapping of axes to lists, found {}",
+                            m.kind()
+                        ),
+                    );
                 }
                 return None;
             };
@@ -1132,10 +1817,15 @@ impl Loader<'_> {
                             match e.as_map() {
                                 Some(pairs) => {
                                     for (ek, ev) in pairs {
-                                        combo.insert(ek.name.clone(), ev.as_text().unwrap_or_default());
+                                        combo.insert(
+                                            ek.name.clone(),
+                                            ev.as_text().unwrap_or_default(),
+                                        );
                                     }
                                 }
-                                None => self.diags.error(e.pos, "an `exclude` entry must map axes to values"),
+                                None => self
+                                    .diags
+                                    .error(e.pos, "an `exclude` entry must map axes to values"),
                             }
                             exclude.push(combo);
                         }
@@ -1148,18 +1838,28 @@ impl Loader<'_> {
                             for i in items {
                                 match i.as_text() {
                                     Some(t) => values.push(t),
-                                    None => self.diags.unsupported(i.pos, format!("a matrix value that is {}", i.kind())),
+                                    None => self.diags.unsupported(
+                                        i.pos,
+                                        format!("a matrix value that is {}", i.kind()),
+                                    ),
                                 }
                             }
                             if values.is_empty() {
-                                self.diags.error(v.pos, format!("matrix axis `{axis}` is empty"));
+                                self.diags
+                                    .error(v.pos, format!("matrix axis `{axis}` is empty"));
                             }
                             axes.push((axis.to_string(), values));
                         }
                         _ if v.as_text().is_some_and(|t| t.contains("<+")) => {
-                            self.diags.unsupported(v.pos, format!("matrix axis `{axis}` given as an expression"));
+                            self.diags.unsupported(
+                                v.pos,
+                                format!("matrix axis `{axis}` given as an expression"),
+                            );
                         }
-                        _ => self.diags.error(v.pos, format!("matrix axis `{axis}` must be a list, found {}", v.kind())),
+                        _ => self.diags.error(
+                            v.pos,
+                            format!("matrix axis `{axis}` must be a list, found {}", v.kind()),
+                        ),
                     },
                 }
             }
@@ -1169,21 +1869,37 @@ impl Loader<'_> {
             for combo in &exclude {
                 for k in combo.keys() {
                     if !axes.iter().any(|(a, _)| a == k) {
-                        self.diags.error(m.pos, format!("`exclude` names `{k}`, which is not an axis of the matrix"));
+                        self.diags.error(
+                            m.pos,
+                            format!("`exclude` names `{k}`, which is not an axis of the matrix"),
+                        );
                     }
                 }
             }
-            return Some(Strategy::Matrix { axes, exclude, max_concurrency, pos: m.pos });
+            return Some(Strategy::Matrix {
+                axes,
+                exclude,
+                max_concurrency,
+                pos: m.pos,
+            });
         }
         if let Some(p) = s.get("parallelism") {
             let count = self.count(p, "`parallelism`")?;
             return Some(Strategy::Parallelism { count, pos: p.pos });
         }
         let r = s.get("repeat")?;
-        if !self.keys(r, "`repeat`", &[&["times", "items", "maxConcurrency"]], &["start", "end", "unit", "partitionSize", "nodeName"], Strictness::Error) {
+        if !self.keys(
+            r,
+            "`repeat`",
+            &[&["times", "items", "maxConcurrency"]],
+            &["start", "end", "unit", "partitionSize", "nodeName"],
+            Strictness::Error,
+        ) {
             return None;
         }
-        let max_concurrency = r.get("maxConcurrency").and_then(|m| self.count(m, "`maxConcurrency`"));
+        let max_concurrency = r
+            .get("maxConcurrency")
+            .and_then(|m| self.count(m, "`maxConcurrency`"));
         let items = match (r.get("times"), r.get("items")) {
             (Some(t), None) => RepeatItems::Times(self.count(t, "`times`")?),
             (None, Some(i)) => {
@@ -1196,11 +1912,16 @@ impl Loader<'_> {
                 RepeatItems::Items(values)
             }
             _ => {
-                self.diags.error(r.pos, "`repeat` needs exactly one of `times` or `items`");
+                self.diags
+                    .error(r.pos, "`repeat` needs exactly one of `times` or `items`");
                 return None;
             }
         };
-        Some(Strategy::Repeat { items, max_concurrency, pos: r.pos })
+        Some(Strategy::Repeat {
+            items,
+            max_concurrency,
+            pos: r.pos,
+        })
     }
 
     fn count(&mut self, n: &Node, what: &str) -> Option<usize> {
@@ -1208,7 +1929,10 @@ impl Loader<'_> {
             Some(Ok(c)) if c >= 1 => Some(c),
             _ if n.as_text().is_some_and(|t| is_unresolved(&t)) => None,
             _ => {
-                self.diags.error(n.pos, format!("{what} must be a whole number of at least 1"));
+                self.diags.error(
+                    n.pos,
+                    format!("{what} must be a whole number of at least 1"),
+                );
                 None
             }
         }
@@ -1222,7 +1946,8 @@ pub fn is_unresolved(s: &str) -> bool {
 
 fn valid_env_name(s: &str) -> bool {
     let mut c = s.chars();
-    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_') && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+    matches!(c.next(), Some(ch) if ch.is_ascii_alphabetic() || ch == '_')
+        && c.all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
 }
 
 /// What an environment can hold as a name. Harness puts no pattern on `envVariables` keys, and
@@ -1285,7 +2010,9 @@ mod tests {
         );
         assert!(d.items.is_empty(), "{:?}", d.items);
         let p = p.unwrap();
-        let Item::Step(s) = &p.stages[0].steps[0] else { panic!() };
+        let Item::Step(s) = &p.stages[0].steps[0] else {
+            panic!()
+        };
         assert_eq!(s.spec.shell, Some(Shell::Bash));
         assert_eq!(s.spec.command.as_ref().unwrap().value, "echo hi");
     }
@@ -1306,7 +2033,11 @@ mod tests {
               comand: echo hi
 ",
         );
-        let e = d.items.iter().find(|e| e.message.contains("comand")).unwrap();
+        let e = d
+            .items
+            .iter()
+            .find(|e| e.message.contains("comand"))
+            .unwrap();
         assert_eq!(e.hint.as_deref(), Some("did you mean `command`?"));
         assert_eq!((e.pos.line, e.pos.col), (11, 15));
     }
@@ -1346,12 +2077,22 @@ mod tests {
                         steps: []
 ",
         );
-        let msgs: Vec<(Severity, &str)> = d.items.iter().map(|i| (i.severity, i.message.as_str())).collect();
+        let msgs: Vec<(Severity, &str)> = d
+            .items
+            .iter()
+            .map(|i| (i.severity, i.message.as_str()))
+            .collect();
         assert_eq!(
             msgs,
             [
-                (Severity::Unsupported, "step `t` uses a `template`, which is not supported by stagehand"),
-                (Severity::Unsupported, "a `stepGroup` inside another step group is not supported by stagehand"),
+                (
+                    Severity::Unsupported,
+                    "step `t` uses a `template`, which is not supported by stagehand"
+                ),
+                (
+                    Severity::Unsupported,
+                    "a `stepGroup` inside another step group is not supported by stagehand"
+                ),
             ],
             "{msgs:?}"
         );

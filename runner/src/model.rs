@@ -18,7 +18,10 @@ pub struct Text {
 
 impl Text {
     pub fn new(value: impl Into<String>, pos: Pos) -> Self {
-        Text { value: value.into(), pos }
+        Text {
+            value: value.into(),
+            pos,
+        }
     }
 }
 
@@ -125,7 +128,8 @@ pub enum Shell {
 }
 
 impl Shell {
-    pub const NAMES: [&'static str; 6] = ["Sh", "Bash", "Python", "Pwsh", "PowerShell", "Powershell"];
+    pub const NAMES: [&'static str; 6] =
+        ["Sh", "Bash", "Python", "Pwsh", "PowerShell", "Powershell"];
 
     pub fn parse(s: &str) -> Option<Shell> {
         Some(match s.to_ascii_lowercase().as_str() {
@@ -186,7 +190,11 @@ pub enum Probe {
     /// A TCP connect to 127.0.0.1:PORT in the stage network.
     Tcp(u16),
     /// An HTTP GET; `status` None means any 2xx.
-    Http { port: u16, path: String, status: Option<u16> },
+    Http {
+        port: u16,
+        path: String,
+        status: Option<u16>,
+    },
     /// A command run in the service's environment; exit 0 means ready.
     Exec(Text),
     /// A line of the service's output matching this regular expression.
@@ -253,7 +261,11 @@ pub enum Action {
     MarkAsSuccess,
     MarkAsFailure,
     Abort,
-    Retry { count: u32, intervals: Vec<Duration>, on_retry_failure: Box<Action> },
+    Retry {
+        count: u32,
+        intervals: Vec<Duration>,
+        on_retry_failure: Box<Action>,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -272,8 +284,15 @@ pub enum Strategy {
         max_concurrency: Option<usize>,
         pos: Pos,
     },
-    Parallelism { count: usize, pos: Pos },
-    Repeat { items: RepeatItems, max_concurrency: Option<usize>, pos: Pos },
+    Parallelism {
+        count: usize,
+        pos: Pos,
+    },
+    Repeat {
+        items: RepeatItems,
+        max_concurrency: Option<usize>,
+        pos: Pos,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]

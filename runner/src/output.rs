@@ -49,7 +49,12 @@ impl Console {
 
     /// Align prefixes to the longest step id of the stage.
     pub fn set_width(&self, ids: &[String]) {
-        let w = ids.iter().map(|s| s.chars().count()).max().unwrap_or(8).clamp(4, 40);
+        let w = ids
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(8)
+            .clamp(4, 40);
         *self.width.lock().unwrap_or_else(|e| e.into_inner()) = w;
     }
 
@@ -57,7 +62,9 @@ impl Console {
         if !self.color {
             return text.to_string();
         }
-        let h = step.bytes().fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
+        let h = step
+            .bytes()
+            .fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
         let c = PALETTE[(h as usize) % PALETTE.len()];
         format!("\x1b[{c}m{text}\x1b[0m")
     }
@@ -108,7 +115,10 @@ impl Console {
             let _ = std::fs::create_dir_all(dir);
         }
         if self.json {
-            return self.event("stage_started", obj([("stage", id.into()), ("name", name.into())]));
+            return self.event(
+                "stage_started",
+                obj([("stage", id.into()), ("name", name.into())]),
+            );
         }
         self.status(&format!("==> stage {id} ({name})"));
     }
@@ -130,15 +140,27 @@ impl Console {
 
     pub fn service_ready(&self, id: &str, after: Duration) {
         if self.json {
-            return self.event("service_ready", obj([("step", id.into()), ("after_ms", (after.as_millis() as u64).into())]));
+            return self.event(
+                "service_ready",
+                obj([
+                    ("step", id.into()),
+                    ("after_ms", (after.as_millis() as u64).into()),
+                ]),
+            );
         }
         let label = self.paint(id, id);
-        self.emit(&format!("<-- {label} ready ({})", crate::units::format_duration(after)));
+        self.emit(&format!(
+            "<-- {label} ready ({})",
+            crate::units::format_duration(after)
+        ));
     }
 
     pub fn service_died(&self, id: &str, why: &str) {
         if self.json {
-            return self.event("service_died", obj([("step", id.into()), ("reason", why.into())]));
+            return self.event(
+                "service_died",
+                obj([("step", id.into()), ("reason", why.into())]),
+            );
         }
         self.emit(&format!("!!! service {id} failed: {why}"));
     }
@@ -146,7 +168,10 @@ impl Console {
     pub fn step_start(&self, id: &str, what: &str) {
         if self.json {
             self.log_line(id, &format!("--- {what}"));
-            return self.event("step_started", obj([("step", id.into()), ("detail", what.into())]));
+            return self.event(
+                "step_started",
+                obj([("step", id.into()), ("detail", what.into())]),
+            );
         }
         let label = self.paint(id, id);
         self.status(&format!("--> {label} {what}"));
@@ -156,11 +181,22 @@ impl Console {
     pub fn step_end(&self, id: &str, verdict: &str, took: Option<Duration>) {
         if self.json {
             self.log_line(id, &format!("--- {verdict}"));
-            let ms = took.map(|d| serde_json::Value::from(d.as_millis() as u64)).unwrap_or(serde_json::Value::Null);
-            return self.event("step_finished", obj([("step", id.into()), ("result", verdict.into()), ("duration_ms", ms)]));
+            let ms = took
+                .map(|d| serde_json::Value::from(d.as_millis() as u64))
+                .unwrap_or(serde_json::Value::Null);
+            return self.event(
+                "step_finished",
+                obj([
+                    ("step", id.into()),
+                    ("result", verdict.into()),
+                    ("duration_ms", ms),
+                ]),
+            );
         }
         let label = self.paint(id, id);
-        let took = took.map(|d| format!(" ({})", crate::units::format_duration(d))).unwrap_or_default();
+        let took = took
+            .map(|d| format!(" ({})", crate::units::format_duration(d)))
+            .unwrap_or_default();
         self.status(&format!("<-- {label} {verdict}{took}"));
         self.log_line(id, &format!("--- {verdict}{took}"));
     }
@@ -169,7 +205,11 @@ impl Console {
     fn stage_logs(&self) -> Option<PathBuf> {
         let dir = self.logs_dir.as_ref()?;
         let stage = self.stage.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        Some(if stage.is_empty() { dir.clone() } else { dir.join(stage) })
+        Some(if stage.is_empty() {
+            dir.clone()
+        } else {
+            dir.join(stage)
+        })
     }
 
     fn log_line(&self, step: &str, line: &str) {
@@ -178,7 +218,11 @@ impl Console {
         let mut files = self.files.lock().unwrap_or_else(|e| e.into_inner());
         let f = match files.get_mut(step) {
             Some(f) => f,
-            None => match File::options().create(true).append(true).open(dir.join(format!("{step}.log"))) {
+            None => match File::options()
+                .create(true)
+                .append(true)
+                .open(dir.join(format!("{step}.log")))
+            {
                 Ok(f) => files.entry(step.to_string()).or_insert(f),
                 Err(_) => return,
             },
@@ -188,12 +232,21 @@ impl Console {
 
     /// The last `n` lines of a step's log (without timestamps), for failure reports.
     pub fn tail(&self, step: &str, n: usize) -> Vec<String> {
-        let Some(dir) = self.stage_logs() else { return vec![] };
+        let Some(dir) = self.stage_logs() else {
+            return vec![];
+        };
         let text = std::fs::read_to_string(dir.join(format!("{step}.log"))).unwrap_or_default();
         let lines: Vec<String> = text
             .lines()
-            .filter(|l| !l.split_once(' ').is_some_and(|(_, r)| r.starts_with("--- ")))
-            .map(|l| l.split_once(' ').map(|(_, r)| r.to_string()).unwrap_or_default())
+            .filter(|l| {
+                !l.split_once(' ')
+                    .is_some_and(|(_, r)| r.starts_with("--- "))
+            })
+            .map(|l| {
+                l.split_once(' ')
+                    .map(|(_, r)| r.to_string())
+                    .unwrap_or_default()
+            })
             .collect();
         lines[lines.len().saturating_sub(n)..].to_vec()
     }
@@ -214,7 +267,10 @@ impl LineSink for Console {
             return;
         }
         if self.json {
-            return self.event("output", obj([("step", step.into()), ("line", line.into())]));
+            return self.event(
+                "output",
+                obj([("step", step.into()), ("line", line.into())]),
+            );
         }
         let w = *self.width.lock().unwrap_or_else(|e| e.into_inner());
         let prefix = format!("{step:<w$} |");
@@ -222,13 +278,17 @@ impl LineSink for Console {
     }
 }
 
-fn obj<const N: usize>(pairs: [(&str, serde_json::Value); N]) -> serde_json::Map<String, serde_json::Value> {
+fn obj<const N: usize>(
+    pairs: [(&str, serde_json::Value); N],
+) -> serde_json::Map<String, serde_json::Value> {
     pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
 /// RFC 3339 UTC with milliseconds, without a date crate.
 pub fn timestamp() -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
     let secs = now.as_secs();
     let (days, rem) = (secs / 86400, secs % 86400);
     let (h, m, s) = (rem / 3600, (rem % 3600) / 60, rem % 60);
@@ -243,7 +303,10 @@ pub fn timestamp() -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let mo = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = if mo <= 2 { y + 1 } else { y };
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{:03}Z", now.subsec_millis())
+    format!(
+        "{y:04}-{mo:02}-{d:02}T{h:02}:{m:02}:{s:02}.{:03}Z",
+        now.subsec_millis()
+    )
 }
 
 #[cfg(test)]
@@ -259,7 +322,9 @@ mod tests {
 
     #[test]
     fn json_events_are_masked_field_by_field() {
-        let secrets = Arc::new(Secrets::new([("pw".to_string(), "a\"b".to_string())].into()));
+        let secrets = Arc::new(Secrets::new(
+            [("pw".to_string(), "a\"b".to_string())].into(),
+        ));
         let buf: Arc<Mutex<Vec<u8>>> = Arc::default();
         struct W(Arc<Mutex<Vec<u8>>>);
         impl Write for W {
@@ -276,7 +341,10 @@ mod tests {
         c.line("Run_1", "pw is a\"b");
         c.step_end("Run_1", "passed", Some(Duration::from_millis(12)));
         let text = String::from_utf8(buf.lock().unwrap().clone()).unwrap();
-        let events: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let events: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
         assert_eq!(events[0]["event"], "output");
         assert_eq!(events[0]["line"], "pw is **************");
         assert_eq!(events[1]["event"], "step_finished");
@@ -286,13 +354,18 @@ mod tests {
     #[test]
     fn log_files_are_masked_and_tailed() {
         let dir = tempfile::tempdir().unwrap();
-        let secrets = Arc::new(Secrets::new([("pw".to_string(), "s3cret".to_string())].into()));
+        let secrets = Arc::new(Secrets::new(
+            [("pw".to_string(), "s3cret".to_string())].into(),
+        ));
         let c = Console::new(secrets, Some(dir.path().to_path_buf()), true);
         c.step_start("Run_1", "started");
         c.line("Run_1", "password is s3cret");
         c.line("Run_1", "second");
         let log = std::fs::read_to_string(dir.path().join("Run_1.log")).unwrap();
-        assert!(!log.contains("s3cret") && log.contains("password is **************"), "{log}");
+        assert!(
+            !log.contains("s3cret") && log.contains("password is **************"),
+            "{log}"
+        );
         assert_eq!(c.tail("Run_1", 1), ["second"]);
     }
 }

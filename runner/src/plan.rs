@@ -46,8 +46,15 @@ pub struct PlannedStep {
 pub enum PlanNode {
     Step(Arc<PlannedStep>),
     Seq(Vec<PlanNode>),
-    Parallel { members: Vec<PlanNode>, max_concurrency: Option<usize> },
-    Group { id: String, name: String, body: Box<PlanNode> },
+    Parallel {
+        members: Vec<PlanNode>,
+        max_concurrency: Option<usize>,
+    },
+    Group {
+        id: String,
+        name: String,
+        body: Box<PlanNode>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -72,7 +79,9 @@ impl StagePlan {
 fn collect(n: &PlanNode, out: &mut Vec<Arc<PlannedStep>>) {
     match n {
         PlanNode::Step(s) => out.push(s.clone()),
-        PlanNode::Seq(v) | PlanNode::Parallel { members: v, .. } => v.iter().for_each(|c| collect(c, out)),
+        PlanNode::Seq(v) | PlanNode::Parallel { members: v, .. } => {
+            v.iter().for_each(|c| collect(c, out))
+        }
         PlanNode::Group { body, .. } => collect(body, out),
     }
 }
@@ -86,7 +95,13 @@ struct Inherit<'a> {
 }
 
 pub fn plan_stage(stage: &Stage) -> StagePlan {
-    let inherit = Inherit { when: None, failure: &stage.failure_strategies, group: None, loop_ctx: None, suffix: String::new() };
+    let inherit = Inherit {
+        when: None,
+        failure: &stage.failure_strategies,
+        group: None,
+        loop_ctx: None,
+        suffix: String::new(),
+    };
     let root = PlanNode::Seq(stage.steps.iter().map(|i| plan_item(i, &inherit)).collect());
     StagePlan {
         identifier: stage.identifier.clone(),
@@ -111,24 +126,36 @@ fn plan_item(item: &Item, inh: &Inherit) -> PlanNode {
                         PlanNode::Step(Arc::new(planned(s, inh, Some(ctx), &suffix)))
                     })
                     .collect();
-                PlanNode::Parallel { members, max_concurrency: max }
+                PlanNode::Parallel {
+                    members,
+                    max_concurrency: max,
+                }
             }
         },
-        Item::Parallel(members, _) => {
-            PlanNode::Parallel { members: members.iter().map(|m| plan_item(m, inh)).collect(), max_concurrency: None }
-        }
+        Item::Parallel(members, _) => PlanNode::Parallel {
+            members: members.iter().map(|m| plan_item(m, inh)).collect(),
+            max_concurrency: None,
+        },
         Item::Group(g) => {
             let make = |ctx: Option<LoopCtx>, suffix: String| {
                 let gid = format!("{}{}", g.identifier, suffix);
                 let inner = Inherit {
                     when: g.when.as_ref().or(inh.when),
-                    failure: if g.failure_strategies.is_empty() { inh.failure } else { &g.failure_strategies },
+                    failure: if g.failure_strategies.is_empty() {
+                        inh.failure
+                    } else {
+                        &g.failure_strategies
+                    },
                     group: Some(gid.clone()),
                     loop_ctx: ctx,
                     suffix: String::new(),
                 };
                 let body = PlanNode::Seq(g.steps.iter().map(|i| plan_item(i, &inner)).collect());
-                PlanNode::Group { id: gid, name: g.name.clone(), body: Box::new(body) }
+                PlanNode::Group {
+                    id: gid,
+                    name: g.name.clone(),
+                    body: Box::new(body),
+                }
             };
             match &g.strategy {
                 None => make(inh.loop_ctx.clone(), String::new()),
@@ -141,7 +168,10 @@ fn plan_item(item: &Item, inh: &Inherit) -> PlanNode {
                             make(Some(ctx), suffix)
                         })
                         .collect();
-                    PlanNode::Parallel { members, max_concurrency: max }
+                    PlanNode::Parallel {
+                        members,
+                        max_concurrency: max,
+                    }
                 }
             }
         }
@@ -157,7 +187,11 @@ fn planned(s: &Step, inh: &Inherit, loop_ctx: Option<LoopCtx>, suffix: &str) -> 
     let mut name = s.name.clone();
     if let Some(ctx) = &loop_ctx {
         if !ctx.matrix.is_empty() && inh.group.is_none() {
-            let combo: Vec<String> = ctx.matrix.iter().map(|(k, v)| format!("{k}: {v}")).collect();
+            let combo: Vec<String> = ctx
+                .matrix
+                .iter()
+                .map(|(k, v)| format!("{k}: {v}"))
+                .collect();
             name = format!("{name} ({})", combo.join(", "));
         } else if let Some(item) = &ctx.item {
             name = format!("{name} ({item})");
@@ -174,7 +208,10 @@ fn planned(s: &Step, inh: &Inherit, loop_ctx: Option<LoopCtx>, suffix: &str) -> 
         spec: s.spec.clone(),
         timeout: s.timeout.clone(),
         when: s.when.clone().or_else(|| inh.when.cloned()),
-        failure_strategies: s.failure_strategies.clone().unwrap_or_else(|| inh.failure.to_vec()),
+        failure_strategies: s
+            .failure_strategies
+            .clone()
+            .unwrap_or_else(|| inh.failure.to_vec()),
         loop_ctx,
         pos: s.pos,
     }
@@ -183,7 +220,12 @@ fn planned(s: &Step, inh: &Inherit, loop_ctx: Option<LoopCtx>, suffix: &str) -> 
 /// The iterations of a strategy, and how many may run at once.
 pub fn iterations(st: &Strategy) -> (Vec<LoopCtx>, Option<usize>) {
     match st {
-        Strategy::Matrix { axes, exclude, max_concurrency, .. } => {
+        Strategy::Matrix {
+            axes,
+            exclude,
+            max_concurrency,
+            ..
+        } => {
             let mut combos: Vec<BTreeMap<String, String>> = vec![BTreeMap::new()];
             for (axis, values) in axes {
                 let mut next = Vec::new();
@@ -196,26 +238,56 @@ pub fn iterations(st: &Strategy) -> (Vec<LoopCtx>, Option<usize>) {
                 }
                 combos = next;
             }
-            combos.retain(|c| !exclude.iter().any(|ex| !ex.is_empty() && ex.iter().all(|(k, v)| c.get(k) == Some(v))));
+            combos.retain(|c| {
+                !exclude
+                    .iter()
+                    .any(|ex| !ex.is_empty() && ex.iter().all(|(k, v)| c.get(k) == Some(v)))
+            });
             let n = combos.len();
             let ctxs = combos
                 .into_iter()
                 .enumerate()
-                .map(|(i, matrix)| LoopCtx { matrix, iteration: i, iterations: n, item: None })
+                .map(|(i, matrix)| LoopCtx {
+                    matrix,
+                    iteration: i,
+                    iterations: n,
+                    item: None,
+                })
                 .collect();
             (ctxs, *max_concurrency)
         }
         Strategy::Parallelism { count, .. } => {
-            let ctxs = (0..*count).map(|i| LoopCtx { iteration: i, iterations: *count, ..Default::default() }).collect();
+            let ctxs = (0..*count)
+                .map(|i| LoopCtx {
+                    iteration: i,
+                    iterations: *count,
+                    ..Default::default()
+                })
+                .collect();
             (ctxs, None)
         }
-        Strategy::Repeat { items, max_concurrency, .. } => {
+        Strategy::Repeat {
+            items,
+            max_concurrency,
+            ..
+        } => {
             let ctxs: Vec<LoopCtx> = match items {
-                RepeatItems::Times(n) => (0..*n).map(|i| LoopCtx { iteration: i, iterations: *n, ..Default::default() }).collect(),
+                RepeatItems::Times(n) => (0..*n)
+                    .map(|i| LoopCtx {
+                        iteration: i,
+                        iterations: *n,
+                        ..Default::default()
+                    })
+                    .collect(),
                 RepeatItems::Items(v) => v
                     .iter()
                     .enumerate()
-                    .map(|(i, item)| LoopCtx { iteration: i, iterations: v.len(), item: Some(item.clone()), ..Default::default() })
+                    .map(|(i, item)| LoopCtx {
+                        iteration: i,
+                        iterations: v.len(),
+                        item: Some(item.clone()),
+                        ..Default::default()
+                    })
                     .collect(),
             };
             (ctxs, *max_concurrency)
@@ -235,8 +307,13 @@ fn render_node(n: &PlanNode, depth: usize, out: &mut String) {
     let pad = "  ".repeat(depth);
     match n {
         PlanNode::Seq(items) => items.iter().for_each(|i| render_node(i, depth, out)),
-        PlanNode::Parallel { members, max_concurrency } => {
-            let limit = max_concurrency.map(|m| format!(", at most {m} at once")).unwrap_or_default();
+        PlanNode::Parallel {
+            members,
+            max_concurrency,
+        } => {
+            let limit = max_concurrency
+                .map(|m| format!(", at most {m} at once"))
+                .unwrap_or_default();
             let _ = writeln!(out, "{pad}parallel ({} at once{limit}):", members.len());
             members.iter().for_each(|m| render_node(m, depth + 1, out));
         }
@@ -269,7 +346,12 @@ fn render_node(n: &PlanNode, depth: usize, out: &mut String) {
                     let _ = write!(extra, " if {}", c.value.trim());
                 }
             }
-            let ports: Vec<String> = s.spec.port_bindings.iter().map(|p| format!("{}->{}", p.host, p.container)).collect();
+            let ports: Vec<String> = s
+                .spec
+                .port_bindings
+                .iter()
+                .map(|p| format!("{}->{}", p.host, p.container))
+                .collect();
             if !ports.is_empty() {
                 let _ = write!(extra, ", ports {}", ports.join(" "));
             }
@@ -332,9 +414,21 @@ mod tests {
         let steps = plan.steps();
         let ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
         assert_eq!(ids, ["sg1_Background_1", "sg1_Run_1", "m_0", "m_1", "m_2"]);
-        assert_eq!(steps[0].when.as_ref().unwrap().status, StatusGate::All, "group when inherited");
-        assert_eq!(steps[1].when.as_ref().unwrap().status, StatusGate::Success, "step's own when wins");
-        assert_eq!(steps[0].failure_strategies[0].action, Action::Ignore, "stage strategy inherited");
+        assert_eq!(
+            steps[0].when.as_ref().unwrap().status,
+            StatusGate::All,
+            "group when inherited"
+        );
+        assert_eq!(
+            steps[1].when.as_ref().unwrap().status,
+            StatusGate::Success,
+            "step's own when wins"
+        );
+        assert_eq!(
+            steps[0].failure_strategies[0].action,
+            Action::Ignore,
+            "stage strategy inherited"
+        );
         assert_eq!(steps[4].loop_ctx.as_ref().unwrap().matrix["os"], "mac");
         assert_eq!(steps[4].loop_ctx.as_ref().unwrap().iterations, 3);
     }
@@ -346,17 +440,30 @@ mod tests {
         assert!(text.contains("parallel (2 at once):"), "{text}");
         assert!(text.contains("group sg1 (sg1):"), "{text}");
         assert!(text.contains("service sg1_Background_1"), "{text}");
-        assert!(text.contains("parallel (3 at once, at most 2 at once):"), "{text}");
+        assert!(
+            text.contains("parallel (3 at once, at most 2 at once):"),
+            "{text}"
+        );
     }
 
     #[test]
     fn repeat_items_and_parallelism() {
-        let st = Strategy::Repeat { items: RepeatItems::Items(vec!["a".into(), "b".into()]), max_concurrency: Some(1), pos: Pos::default() };
+        let st = Strategy::Repeat {
+            items: RepeatItems::Items(vec!["a".into(), "b".into()]),
+            max_concurrency: Some(1),
+            pos: Pos::default(),
+        };
         let (it, max) = iterations(&st);
         assert_eq!(it.len(), 2);
         assert_eq!(it[1].item.as_deref(), Some("b"));
         assert_eq!(max, Some(1));
-        let (it, _) = iterations(&Strategy::Parallelism { count: 3, pos: Pos::default() });
-        assert_eq!(it.iter().map(|c| c.iteration).collect::<Vec<_>>(), [0, 1, 2]);
+        let (it, _) = iterations(&Strategy::Parallelism {
+            count: 3,
+            pos: Pos::default(),
+        });
+        assert_eq!(
+            it.iter().map(|c| c.iteration).collect::<Vec<_>>(),
+            [0, 1, 2]
+        );
     }
 }

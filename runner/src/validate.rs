@@ -15,8 +15,23 @@ use crate::yaml::Pos;
 
 /// Names every expression may use at the top.
 pub const ROOTS: &[&str] = &[
-    "pipeline", "stage", "step", "steps", "execution", "secrets", "codebase", "trigger", "env",
-    "matrix", "strategy", "repeat", "variable", "input", "stages", "serviceVariables", "artifact",
+    "pipeline",
+    "stage",
+    "step",
+    "steps",
+    "execution",
+    "secrets",
+    "codebase",
+    "trigger",
+    "env",
+    "matrix",
+    "strategy",
+    "repeat",
+    "variable",
+    "input",
+    "stages",
+    "serviceVariables",
+    "artifact",
     "eventPayload",
 ];
 
@@ -66,7 +81,13 @@ pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
                 for pb in &step.spec.port_bindings {
                     if let Some(other) = host_ports.get(&pb.host) {
                         if *other != step.id {
-                            diags.error(pb.pos, format!("host port {} is bound by both `{other}` and `{}`", pb.host, step.id));
+                            diags.error(
+                                pb.pos,
+                                format!(
+                                    "host port {} is bound by both `{other}` and `{}`",
+                                    pb.host, step.id
+                                ),
+                            );
                         }
                     } else {
                         host_ports.insert(pb.host, step.id.clone());
@@ -79,13 +100,24 @@ pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
             let scope = v.scope(Some(stage), Some(&step));
             let scope = scope.as_ref();
             let s = &step.spec;
-            for t in s.image.iter().chain(s.command.iter()).chain(s.entrypoint.iter()).chain(s.run_as_user.iter()).chain(s.reports.iter()) {
+            for t in s
+                .image
+                .iter()
+                .chain(s.command.iter())
+                .chain(s.entrypoint.iter())
+                .chain(s.run_as_user.iter())
+                .chain(s.reports.iter())
+            {
                 v.template(t, scope, diags);
             }
             for (_, t) in &s.env {
                 v.template(t, scope, diags);
             }
-            if let Some(HealthCheck { probe: Probe::Exec(t), .. }) = &s.health_check {
+            if let Some(HealthCheck {
+                probe: Probe::Exec(t),
+                ..
+            }) = &s.health_check
+            {
                 v.template(t, scope, diags);
             }
             for d in &s.depends_on {
@@ -95,7 +127,9 @@ pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
                     .flat_map(|p| [p.id.as_str(), p.identifier.as_str()])
                     .collect();
                 if !services.contains(&d.value.as_str()) {
-                    let hint = did_you_mean(&d.value, &services).map(|x| format!(" (did you mean `{x}`?)")).unwrap_or_default();
+                    let hint = did_you_mean(&d.value, &services)
+                        .map(|x| format!(" (did you mean `{x}`?)"))
+                        .unwrap_or_default();
                     diags.error(d.pos, format!("`dependsOn` names `{}`, which is not a Background step of stage `{}`{hint}", d.value, stage.identifier));
                 }
             }
@@ -122,7 +156,12 @@ fn stage_outputs(stage: &Stage) -> Outputs {
         for i in items {
             match i {
                 Item::Step(s) => {
-                    let names: Vec<String> = s.spec.output_variables.iter().map(|o| o.name.clone()).collect();
+                    let names: Vec<String> = s
+                        .spec
+                        .output_variables
+                        .iter()
+                        .map(|o| o.name.clone())
+                        .collect();
                     if let Some(g) = group {
                         out.insert(format!("{g}.steps.{}", s.identifier), names.clone());
                     }
@@ -141,15 +180,30 @@ fn stage_outputs(stage: &Stage) -> Outputs {
 }
 
 impl<'a> Validator<'a> {
-    fn scope<'s>(&'s self, stage: Option<&'s Stage>, step: Option<&'s PlannedStep>) -> Option<Scope<'s>> {
+    fn scope<'s>(
+        &'s self,
+        stage: Option<&'s Stage>,
+        step: Option<&'s PlannedStep>,
+    ) -> Option<Scope<'s>> {
         let stage = stage?;
         let i = self.p.stages.iter().position(|s| std::ptr::eq(s, stage))?;
         let outputs = &self.outputs[i];
         let (axes, looped, repeat_items) = match step.and_then(|s| s.loop_ctx.as_ref()) {
-            Some(ctx) => (ctx.matrix.keys().cloned().collect(), true, ctx.item.is_some()),
+            Some(ctx) => (
+                ctx.matrix.keys().cloned().collect(),
+                true,
+                ctx.item.is_some(),
+            ),
             None => (vec![], false, false),
         };
-        Some(Scope { stage, outputs, step, axes, looped, repeat_items })
+        Some(Scope {
+            stage,
+            outputs,
+            step,
+            axes,
+            looped,
+            repeat_items,
+        })
     }
 
     fn template(&self, t: &Text, scope: Option<&Scope>, diags: &mut Diagnostics) {
@@ -159,7 +213,10 @@ impl<'a> Validator<'a> {
         match expr::parse_template(&t.value) {
             Err(e) => diags.error(self.locate(t, e.offset), e.to_string()),
             Ok(tpl) => {
-                let mut places = RefPlaces { s: &t.value, from: 0 };
+                let mut places = RefPlaces {
+                    s: &t.value,
+                    from: 0,
+                };
                 for path in tpl.references() {
                     let off = places.next(path);
                     if let Err(msg) = check_ref(path, scope, self) {
@@ -177,7 +234,10 @@ impl<'a> Validator<'a> {
         match expr::parse_condition(&t.value) {
             Err(e) => diags.error(self.locate(t, e.offset), e.to_string()),
             Ok(e) => {
-                let mut places = RefPlaces { s: &t.value, from: 0 };
+                let mut places = RefPlaces {
+                    s: &t.value,
+                    from: 0,
+                };
                 for path in expr::references(&e) {
                     let off = places.next(path);
                     if let Err(msg) = check_ref(path, scope, self) {
@@ -194,13 +254,24 @@ impl<'a> Validator<'a> {
         let offset = offset.min(t.value.len());
         let before = &t.value[..offset];
         let line_in_value = before.matches('\n').count();
-        let col_in_line = before.rsplit('\n').next().map(|s| s.chars().count()).unwrap_or(0);
-        let src_line = self.lines.get(t.pos.line as usize - 1).copied().unwrap_or("");
+        let col_in_line = before
+            .rsplit('\n')
+            .next()
+            .map(|s| s.chars().count())
+            .unwrap_or(0);
+        let src_line = self
+            .lines
+            .get(t.pos.line as usize - 1)
+            .copied()
+            .unwrap_or("");
         let rest = src_line.get(t.pos.col as usize - 1..).unwrap_or("");
         let block = rest.starts_with('|') || rest.starts_with('>');
         if !block && line_in_value == 0 {
             let quoted = rest.starts_with('"') || rest.starts_with('\'');
-            return Pos { line: t.pos.line, col: t.pos.col + col_in_line as u32 + u32::from(quoted) };
+            return Pos {
+                line: t.pos.line,
+                col: t.pos.col + col_in_line as u32 + u32::from(quoted),
+            };
         }
         // Find the text of that value line in the source below the key.
         let value_line = t.value.lines().nth(line_in_value).unwrap_or("");
@@ -212,7 +283,10 @@ impl<'a> Validator<'a> {
                 if let Some(c) = l.find(value_line.trim_start()) {
                     let indent = value_line.len() - value_line.trim_start().len();
                     let col = l[..c].chars().count() + (col_in_line.saturating_sub(indent));
-                    return Pos { line: i as u32 + 1, col: col as u32 + 1 };
+                    return Pos {
+                        line: i as u32 + 1,
+                        col: col as u32 + 1,
+                    };
                 }
             }
         }
@@ -238,7 +312,11 @@ impl RefPlaces<'_> {
                 if let Some(at) = find_name(self.s, start, &dotted) {
                     self.from = at + dotted.len();
                     let before = self.s[..at].trim_end();
-                    return if before.ends_with("<+") { before.len() - 2 } else { at };
+                    return if before.ends_with("<+") {
+                        before.len() - 2
+                    } else {
+                        at
+                    };
                 }
             }
         }
@@ -275,7 +353,10 @@ fn find_name(s: &str, from: usize, name: &str) -> Option<usize> {
         let at = start + i;
         let end = at + name.len();
         let before_ok = !s[..at].chars().next_back().is_some_and(word);
-        let after_ok = !s[end..].chars().next().is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
+        let after_ok = !s[end..]
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphanumeric() || c == '_');
         if before_ok && after_ok {
             return Some(at);
         }
@@ -322,7 +403,9 @@ fn check_ref(path: &RefPath, scope: Option<&Scope>, v: &Validator) -> Result<(),
             return Ok(());
         }
         let names: Vec<&str> = p.variables.iter().map(|v| v.name.as_str()).collect();
-        let hint = did_you_mean(x, &names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+        let hint = did_you_mean(x, &names)
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
         Err(format!("unknown pipeline variable `{x}` in {shown}{hint}"))
     };
     match root.as_str() {
@@ -339,8 +422,11 @@ fn check_ref(path: &RefPath, scope: Option<&Scope>, v: &Validator) -> Result<(),
                 if sc.stage.variables.iter().any(|v| &v.name == x) {
                     Ok(())
                 } else {
-                    let names: Vec<&str> = sc.stage.variables.iter().map(|v| v.name.as_str()).collect();
-                    let hint = did_you_mean(x, &names).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
+                    let names: Vec<&str> =
+                        sc.stage.variables.iter().map(|v| v.name.as_str()).collect();
+                    let hint = did_you_mean(x, &names)
+                        .map(|s| format!(" (did you mean `{s}`?)"))
+                        .unwrap_or_default();
                     Err(format!("unknown stage variable `{x}` in {shown}{hint}"))
                 }
             }
@@ -373,30 +459,50 @@ fn check_ref(path: &RefPath, scope: Option<&Scope>, v: &Validator) -> Result<(),
         "matrix" => match scope {
             Some(sc) if !sc.axes.is_empty() => match n.get(1) {
                 Some(k) if sc.axes.contains(k) => Ok(()),
-                Some(k) => Err(format!("unknown matrix axis `{k}` in {shown}: the axes are {}", sc.axes.join(", "))),
+                Some(k) => Err(format!(
+                    "unknown matrix axis `{k}` in {shown}: the axes are {}",
+                    sc.axes.join(", ")
+                )),
                 None => Ok(()),
             },
-            _ => Err(format!("{shown} is used outside a step or step group with a `matrix` strategy")),
+            _ => Err(format!(
+                "{shown} is used outside a step or step group with a `matrix` strategy"
+            )),
         },
         "strategy" => match scope {
             Some(sc) if sc.looped => Ok(()),
-            _ => Err(format!("{shown} is used outside a step or step group with a looping `strategy`")),
+            _ => Err(format!(
+                "{shown} is used outside a step or step group with a looping `strategy`"
+            )),
         },
         "repeat" => match scope {
             Some(sc) if sc.repeat_items => Ok(()),
-            _ => Err(format!("{shown} is used outside a step or step group with a `repeat` strategy over `items`")),
+            _ => Err(format!(
+                "{shown} is used outside a step or step group with a `repeat` strategy over `items`"
+            )),
         },
         r if ROOTS.contains(&r) => Ok(()),
         other => {
-            let hint = did_you_mean(other, ROOTS).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
-            Err(format!("unknown expression {shown}: `{other}` is not a known name{hint}"))
+            let hint = did_you_mean(other, ROOTS)
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            Err(format!(
+                "unknown expression {shown}: `{other}` is not a known name{hint}"
+            ))
         }
     }
 }
 
 /// `ID.output.outputVariables.V` or `G.steps.ID.output.outputVariables.V`.
-fn check_step_ref(rest: &[String], outputs: &HashMap<String, Vec<String>>, shown: &str, stage: &str) -> Result<(), String> {
-    let Some(first) = rest.first() else { return Ok(()) };
+fn check_step_ref(
+    rest: &[String],
+    outputs: &HashMap<String, Vec<String>>,
+    shown: &str,
+    stage: &str,
+) -> Result<(), String> {
+    let Some(first) = rest.first() else {
+        return Ok(());
+    };
     let (key, tail) = if rest.get(1).map(String::as_str) == Some("steps") && rest.len() >= 3 {
         (format!("{first}.steps.{}", rest[2]), &rest[3..])
     } else {
@@ -405,13 +511,21 @@ fn check_step_ref(rest: &[String], outputs: &HashMap<String, Vec<String>>, shown
     let Some(vars) = outputs.get(&key) else {
         let mut known: Vec<&str> = outputs.keys().map(String::as_str).collect();
         known.sort();
-        let hint = did_you_mean(&key, &known).map(|s| format!(" (did you mean `{s}`?)")).unwrap_or_default();
-        return Err(format!("{shown} names step `{key}`, which is not in stage `{stage}`{hint}"));
+        let hint = did_you_mean(&key, &known)
+            .map(|s| format!(" (did you mean `{s}`?)"))
+            .unwrap_or_default();
+        return Err(format!(
+            "{shown} names step `{key}`, which is not in stage `{stage}`{hint}"
+        ));
     };
-    if tail.first().map(String::as_str) == Some("output") && tail.get(1).map(String::as_str) == Some("outputVariables") {
+    if tail.first().map(String::as_str) == Some("output")
+        && tail.get(1).map(String::as_str) == Some("outputVariables")
+    {
         if let Some(v) = tail.get(2) {
             if !vars.contains(v) {
-                return Err(format!("{shown}: step `{key}` has no output variable `{v}`"));
+                return Err(format!(
+                    "{shown}: step `{key}` has no output variable `{v}`"
+                ));
             }
         }
     }
@@ -420,12 +534,19 @@ fn check_step_ref(rest: &[String], outputs: &HashMap<String, Vec<String>>, shown
 
 /// `<+pipeline.stages.S.spec.execution.steps.[G.steps.]ID.output.outputVariables.V>`.
 fn check_fq_step(rest: &[String], shown: &str, v: &Validator) -> Result<(), String> {
-    let Some(sid) = rest.first() else { return Ok(()) };
+    let Some(sid) = rest.first() else {
+        return Ok(());
+    };
     let Some(i) = v.p.stages.iter().position(|s| &s.identifier == sid) else {
-        return Err(format!("{shown} names stage `{sid}`, which is not in the pipeline"));
+        return Err(format!(
+            "{shown} names stage `{sid}`, which is not in the pipeline"
+        ));
     };
     let outputs = &v.outputs[i];
-    if rest.get(1..4).is_some_and(|s| s == ["spec", "execution", "steps"]) {
+    if rest
+        .get(1..4)
+        .is_some_and(|s| s == ["spec", "execution", "steps"])
+    {
         return check_step_ref(&rest[4..], outputs, shown, sid);
     }
     Ok(())
@@ -442,7 +563,10 @@ mod tests {
         let p = crate::load::load(&node, &mut d).unwrap();
         validate(&p, src, &mut d);
         d.finish();
-        d.items.iter().map(|i| format!("{}:{} {}", i.pos.line, i.pos.col, i.message)).collect()
+        d.items
+            .iter()
+            .map(|i| format!("{}:{} {}", i.pos.line, i.pos.col, i.message))
+            .collect()
     }
 
     const BASE: &str = "pipeline:
@@ -486,11 +610,21 @@ mod tests {
 
     #[test]
     fn unknown_references_are_reported_at_their_place() {
-        let src = BASE.replace("<+stage.variables.port>", "<+stage.variables.prot>").replace("outputVariables.X> ==", "outputVariables.Y> ==");
+        let src = BASE
+            .replace("<+stage.variables.port>", "<+stage.variables.prot>")
+            .replace("outputVariables.X> ==", "outputVariables.Y> ==");
         let errs = check(&src);
         assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(errs[0].starts_with("30:32 <+steps.a.output.outputVariables.Y>: step `a` has no output variable `Y`"), "{errs:?}");
-        assert!(errs[1].starts_with("32:62 unknown stage variable `prot`"), "{errs:?}");
+        assert!(
+            errs[0].starts_with(
+                "30:32 <+steps.a.output.outputVariables.Y>: step `a` has no output variable `Y`"
+            ),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("32:62 unknown stage variable `prot`"),
+            "{errs:?}"
+        );
         assert!(errs[1].contains("did you mean `port`?"), "{errs:?}");
     }
 
@@ -499,16 +633,28 @@ mod tests {
         let src = BASE.replace("echo hi; X=1", "echo <+matrix.os>");
         let errs = check(&src);
         assert_eq!(errs.len(), 1, "{errs:?}");
-        assert!(errs[0].contains("outside a step or step group with a `matrix` strategy"), "{errs:?}");
+        assert!(
+            errs[0].contains("outside a step or step group with a `matrix` strategy"),
+            "{errs:?}"
+        );
     }
 
     #[test]
     fn references_that_begin_alike_each_get_their_own_column() {
         // Regression: both used to point at the first `<+pipeline`.
-        let src = BASE.replace("<+stage.variables.port>", "<+pipeline.variables.nope> <+pipeline.variables.hots>");
+        let src = BASE.replace(
+            "<+stage.variables.port>",
+            "<+pipeline.variables.nope> <+pipeline.variables.hots>",
+        );
         let errs = check(&src);
         assert_eq!(errs.len(), 2, "{errs:?}");
-        assert!(errs[0].starts_with("32:62 unknown pipeline variable `nope`"), "{errs:?}");
-        assert!(errs[1].starts_with("32:89 unknown pipeline variable `hots`"), "{errs:?}");
+        assert!(
+            errs[0].starts_with("32:62 unknown pipeline variable `nope`"),
+            "{errs:?}"
+        );
+        assert!(
+            errs[1].starts_with("32:89 unknown pipeline variable `hots`"),
+            "{errs:?}"
+        );
     }
 }

@@ -100,7 +100,10 @@ impl Node {
     }
 
     pub fn get(&self, key: &str) -> Option<&Node> {
-        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(_, v)| v)
+        self.as_map()?
+            .iter()
+            .find(|(k, _)| k.name == key)
+            .map(|(_, v)| v)
     }
 }
 
@@ -121,12 +124,18 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
     };
     let spanned: Spanned<RawValue> =
         serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-        let pos = e
-            .location()
-            .map(|l| Pos { line: l.line() as u32, col: l.column() as u32 })
-            .unwrap_or(Pos { line: 1, col: 1 });
-        YamlError { pos, message: first_line(&e.to_string()) }
-    })?;
+            let pos = e
+                .location()
+                .map(|l| Pos {
+                    line: l.line() as u32,
+                    col: l.column() as u32,
+                })
+                .unwrap_or(Pos { line: 1, col: 1 });
+            YamlError {
+                pos,
+                message: first_line(&e.to_string()),
+            }
+        })?;
     Ok(into_node(spanned))
 }
 
@@ -139,7 +148,10 @@ fn first_line(s: &str) -> String {
         Some(i) if line.starts_with("line ") => &line[i + 2..],
         _ => line,
     };
-    let line = line.split(", set DuplicateKeyPolicy").next().unwrap_or(line);
+    let line = line
+        .split(", set DuplicateKeyPolicy")
+        .next()
+        .unwrap_or(line);
     // The scanner repeats the position at the end ("... at line 17, column 7"); we print it first.
     let line = match line.rfind(" at line ") {
         Some(i) if line[i..].contains(", column ") => &line[..i],
@@ -149,7 +161,10 @@ fn first_line(s: &str) -> String {
 }
 
 fn pos_of<T>(s: &Spanned<T>) -> Pos {
-    Pos { line: s.referenced.line() as u32, col: s.referenced.column() as u32 }
+    Pos {
+        line: s.referenced.line() as u32,
+        col: s.referenced.column() as u32,
+    }
 }
 
 fn into_node(s: Spanned<RawValue>) -> Node {
@@ -162,7 +177,13 @@ fn into_node(s: Spanned<RawValue>) -> Node {
                 .into_iter()
                 .map(|(k, v)| {
                     let kpos = pos_of(&k);
-                    (Key { name: k.value, pos: kpos }, into_node(v))
+                    (
+                        Key {
+                            name: k.value,
+                            pos: kpos,
+                        },
+                        into_node(v),
+                    )
                 })
                 .collect(),
         ),
@@ -307,6 +328,9 @@ mod tests {
     fn numeric_keys_and_anchors() {
         let n = parse("p:\n  5432: 5432\nx: &a {k: v}\ny: *a\n").unwrap();
         assert_eq!(n.get("p").unwrap().as_map().unwrap()[0].0.name, "5432");
-        assert_eq!(n.get("y").unwrap().get("k").unwrap().as_text().unwrap(), "v");
+        assert_eq!(
+            n.get("y").unwrap().get("k").unwrap().as_text().unwrap(),
+            "v"
+        );
     }
 }

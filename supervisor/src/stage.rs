@@ -704,7 +704,9 @@ fn sweep_empty(root: &Path, rel: &Path) {
         .filter_map(|l| l.splitn(3, ':').nth(2))
         .map(|p| PathBuf::from(p.trim_start_matches('/')))
         .collect();
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     for e in entries.flatten() {
         let hier = e.path();
         let mut bases = vec![hier.clone()];
@@ -860,7 +862,11 @@ fn undo(dir: &Path, state: &mut RunState) -> GcReport {
     let mut mounts_left = Vec::new();
     for m in std::mem::take(&mut state.mounts) {
         if !m.starts_with(&own_dir) {
-            r.errors.push(format!("ignoring mount {} in the run state: not in {}", m.display(), own_dir.display()));
+            r.errors.push(format!(
+                "ignoring mount {} in the run state: not in {}",
+                m.display(),
+                own_dir.display()
+            ));
             continue;
         }
         match detach(&m) {
@@ -893,7 +899,10 @@ fn undo(dir: &Path, state: &mut RunState) -> GcReport {
     state.netns = left;
     state.ports.clear();
     state.services.clear();
-    state.finished = state.cgroups.is_empty() && state.netns.is_empty() && state.pids.is_empty() && state.mounts.is_empty();
+    state.finished = state.cgroups.is_empty()
+        && state.netns.is_empty()
+        && state.pids.is_empty()
+        && state.mounts.is_empty();
     if let Err(err) = state.save(dir) {
         r.errors.push(err.to_string());
     }

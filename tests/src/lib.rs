@@ -2,9 +2,9 @@
 
 pub mod bin_path;
 pub mod e2e;
-pub mod sandbox;
-pub mod images;
-pub mod readiness;
-pub mod pgimage;
-pub mod registry;
 pub mod faults;
+pub mod images;
+pub mod pgimage;
+pub mod readiness;
+pub mod registry;
+pub mod sandbox;

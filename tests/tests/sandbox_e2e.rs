@@ -99,7 +99,8 @@ fn memory_limit_oom_kills_a_service_and_a_run_step_and_says_so() {
     out.assert_stdout_has("<-- runhog FAILED: runhog was killed: out of memory (limit 32Mi)");
     // The service's death is not lost at teardown: its row says why, and the stage failed.
     assert!(
-        out.summary_row("hog").ends_with("FAILED: was killed: out of memory (limit 32Mi)"),
+        out.summary_row("hog")
+            .ends_with("FAILED: was killed: out of memory (limit 32Mi)"),
         "{}",
         out.summary_row("hog")
     );
@@ -598,7 +599,10 @@ fn ps_lists_the_running_stage() {
     );
     let netns_file = sandbox::run_dir(&id).join("netns-build");
     assert!(
-        block.iter().any(|l| l.starts_with("  cgroup /sys/fs/cgroup/") && l.ends_with(&format!("/stagehand/{id}"))),
+        block
+            .iter()
+            .any(|l| l.starts_with("  cgroup /sys/fs/cgroup/")
+                && l.ends_with(&format!("/stagehand/{id}"))),
         "{block:#?}"
     );
     assert!(

@@ -12,10 +12,10 @@ use std::ffi::OsString;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
+use stagehand_oci::pull::{self, PullError, PullOptions};
 use stagehand_oci::rootfs::Rootfs;
 use stagehand_oci::runtime::{Control, OciRuntime, RuncCli};
 use stagehand_oci::spec::{self, BindMount, ContainerSpec, Host, Network, Resources};
-use stagehand_oci::pull::{self, PullError, PullOptions};
 use stagehand_oci::store::Store;
 use stagehand_oci::unpack;
 use stagehand_supervisor::cgroup::Limits;
@@ -54,7 +54,8 @@ pub enum Backend {
 }
 
 /// The error for `--backend containerd` in a build without the `containerd` feature.
-pub const NO_CONTAINERD: &str = "this stagehand was built without containerd support: cargo build --features containerd";
+pub const NO_CONTAINERD: &str =
+    "this stagehand was built without containerd support: cargo build --features containerd";
 
 /// A prepared container: its bundle and root filesystem, until cleanup.
 pub struct Container {
@@ -65,25 +66,49 @@ pub struct Container {
 
 impl Containers {
     /// Open the image store and find the runtime. Err says why containers cannot run here.
-    pub fn new(store_root: &Path, runtime: Option<&std::ffi::OsStr>, run_dir: &Path, run_id: &str, stage_id: &str, volumes: &[String]) -> Result<Containers, String> {
-        let store = Store::open(store_root).map_err(|e| format!("image store {}: {e}", store_root.display()))?;
-        let runtime = RuncCli::locate(runtime, run_dir.join("runtime")).map_err(|e| e.to_string())?;
+    pub fn new(
+        store_root: &Path,
+        runtime: Option<&std::ffi::OsStr>,
+        run_dir: &Path,
+        run_id: &str,
+        stage_id: &str,
+        volumes: &[String],
+    ) -> Result<Containers, String> {
+        let store = Store::open(store_root)
+            .map_err(|e| format!("image store {}: {e}", store_root.display()))?;
+        let runtime =
+            RuncCli::locate(runtime, run_dir.join("runtime")).map_err(|e| e.to_string())?;
         let host = Host::probe().map_err(|e| e.to_string())?;
-        let init = INIT_CANDIDATES.iter().map(PathBuf::from).find(|p| p.is_file());
+        let init = INIT_CANDIDATES
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file());
         if init.is_none() {
-            tracing::warn!("catatonit not found: containers run without an init, so PID 1 may ignore SIGTERM (apt-get install catatonit)");
+            tracing::warn!(
+                "catatonit not found: containers run without an init, so PID 1 may ignore SIGTERM (apt-get install catatonit)"
+            );
         }
         let dir = run_dir.join("containers").join(stage_id);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let mut vols = Vec::new();
         for (i, mount) in volumes.iter().enumerate() {
             let host_dir = run_dir.join("volumes").join(stage_id).join(i.to_string());
-            std::fs::create_dir_all(&host_dir).map_err(|e| format!("create volume {}: {e}", host_dir.display()))?;
+            std::fs::create_dir_all(&host_dir)
+                .map_err(|e| format!("create volume {}: {e}", host_dir.display()))?;
             // An EmptyDir is writable by whatever user the containers run as (Kubernetes: 0777).
             let _ = std::fs::set_permissions(&host_dir, std::fs::Permissions::from_mode(0o777));
             vols.push((host_dir, mount.clone()));
         }
-        Ok(Containers { store, runtime, host, init, dir, id_prefix: format!("stagehand-{run_id}"), volumes: vols, backend: Backend::Runc })
+        Ok(Containers {
+            store,
+            runtime,
+            host,
+            init,
+            dir,
+            id_prefix: format!("stagehand-{run_id}"),
+            volumes: vols,
+            backend: Backend::Runc,
+        })
     }
 
     /// Run containers through `backend`. For containerd, checks now that it answers and is
@@ -103,7 +128,14 @@ impl Containers {
     }
 
     /// Bundle, root filesystem and the runtime's argv for one step.
-    pub(crate) fn prepare(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits, abort: &super::host::Abort) -> Result<(SpawnSpec, Option<PathBuf>, Container), String> {
+    pub(crate) fn prepare(
+        &self,
+        exec: &HostExecutor,
+        step: &ResolvedStep,
+        stage: Option<&Stage>,
+        limits: &Limits,
+        abort: &super::host::Abort,
+    ) -> Result<(SpawnSpec, Option<PathBuf>, Container), String> {
         let image = step.image.as_deref().unwrap_or_default();
         let id = format!("{}-{}", self.id_prefix, step.id);
         let image_id = self.image_for(step, image, abort)?;
@@ -112,17 +144,28 @@ impl Containers {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let layers = {
             let guard = self.store.write_guard().map_err(|e| e.to_string())?;
-            unpack::ensure_image_layers(&self.store, &guard, &image_id).map_err(|e| format!("unpack `{image}`: {e}"))?
+            unpack::ensure_image_layers(&self.store, &guard, &image_id)
+                .map_err(|e| format!("unpack `{image}`: {e}"))?
         };
         let rootfs_path = stagehand_oci::rootfs::rootfs_path(&dir);
         if let Some(st) = stage {
             st.record_mount(&rootfs_path).map_err(|e| e.to_string())?;
         }
-        let rootfs = Rootfs::create(&dir, &layers).map_err(|e| format!("root filesystem for `{image}`: {e}"))?;
-        let container = Container { id: id.clone(), dir: dir.clone(), rootfs: std::sync::Mutex::new(Some(rootfs)) };
+        let rootfs = Rootfs::create(&dir, &layers)
+            .map_err(|e| format!("root filesystem for `{image}`: {e}"))?;
+        let container = Container {
+            id: id.clone(),
+            dir: dir.clone(),
+            rootfs: std::sync::Mutex::new(Some(rootfs)),
+        };
         match self.bundle(exec, step, stage, limits, &image_id, &container) {
             Ok((argv, outputs)) => {
-                let env = vec![("PATH".to_string(), std::env::var("PATH").unwrap_or_else(|_| "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()))];
+                let env = vec![(
+                    "PATH".to_string(),
+                    std::env::var("PATH").unwrap_or_else(|_| {
+                        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
+                    }),
+                )];
                 let mut spec = SpawnSpec::new(argv, env, &dir);
                 spec.process_group = true;
                 spec.parent_death_signal = Some(libc::SIGKILL);
@@ -143,8 +186,16 @@ impl Containers {
     /// digest, `IfNotPresent` otherwise; but when it is unset and the registry cannot be
     /// reached, an image already in the store is used with a warning, so pipelines written
     /// for a connected CI still run offline from images loaded with `stagehand image load`.
-    fn image_for(&self, step: &ResolvedStep, image: &str, abort: &super::host::Abort) -> Result<stagehand_oci::store::ImageId, String> {
-        let local = self.store.resolve(image).map_err(|e| format!("image `{image}`: {e}"))?;
+    fn image_for(
+        &self,
+        step: &ResolvedStep,
+        image: &str,
+        abort: &super::host::Abort,
+    ) -> Result<stagehand_oci::store::ImageId, String> {
+        let local = self
+            .store
+            .resolve(image)
+            .map_err(|e| format!("image `{image}`: {e}"))?;
         let (policy, defaulted) = effective_policy(step.pull_policy, image);
         let wanted = match policy {
             PullPolicy::Never => false,
@@ -155,7 +206,9 @@ impl Containers {
         if !wanted || (local.is_some() && looks_like_image_id(image)) {
             return local.ok_or_else(|| missing_image(image, step.pull_policy, self.store.root()));
         }
-        let registry = stagehand_oci::store::parse_reference(image).map(|r| r.registry().to_string()).unwrap_or_default();
+        let registry = stagehand_oci::store::parse_reference(image)
+            .map(|r| r.registry().to_string())
+            .unwrap_or_default();
         if let Some(id) = &local {
             if defaulted && unreachable_registries().contains(&registry) {
                 return Ok(id.clone());
@@ -165,7 +218,9 @@ impl Containers {
         opts.progress = Some(pull::text_progress(Box::new(std::io::stderr()), false));
         match pull_blocking(&self.store, image, &opts, abort) {
             Ok(p) => Ok(p.id),
-            Err(Ok(PullError::Unreachable { registry, reason, .. })) if defaulted && local.is_some() => {
+            Err(Ok(PullError::Unreachable {
+                registry, reason, ..
+            })) if defaulted && local.is_some() => {
                 eprintln!(
                     "stagehand: warning: {}: cannot reach registry {registry} ({reason}); running the copy of `{image}` in the image store (imagePullPolicy is unset: set it to IfNotPresent to not ask the registry, or Always to make this an error)",
                     step.id
@@ -178,18 +233,38 @@ impl Containers {
         }
     }
 
-    fn bundle(&self, exec: &HostExecutor, step: &ResolvedStep, stage: Option<&Stage>, limits: &Limits, image_id: &stagehand_oci::store::ImageId, c: &Container) -> Result<(Vec<OsString>, Option<PathBuf>), String> {
+    fn bundle(
+        &self,
+        exec: &HostExecutor,
+        step: &ResolvedStep,
+        stage: Option<&Stage>,
+        limits: &Limits,
+        image_id: &stagehand_oci::store::ImageId,
+        c: &Container,
+    ) -> Result<(Vec<OsString>, Option<PathBuf>), String> {
         let image = step.image.as_deref().unwrap_or_default();
-        let config = self.store.config(image_id).map_err(|e| format!("image `{image}`: {e}"))?;
+        let config = self
+            .store
+            .config(image_id)
+            .map_err(|e| format!("image `{image}`: {e}"))?;
         let rootfs = stagehand_oci::rootfs::rootfs_path(&c.dir);
         let user_spec = step.run_as_user.clone().filter(|u| !u.trim().is_empty());
         let defaults = spec::image_process(&config, None, None);
         let user_name = user_spec.clone().or(defaults.user.clone());
         let user = match &user_name {
-            Some(u) => spec::resolve_user(&rootfs, u).map_err(|e| format!("runAsUser `{u}` in `{image}`: {e}"))?,
+            Some(u) => spec::resolve_user(&rootfs, u)
+                .map_err(|e| format!("runAsUser `{u}` in `{image}`: {e}"))?,
             None => Default::default(),
         };
-        let (script, outputs) = if step.command.is_none() { (None, None) } else { exec.script_argv(step, Some(Path::new("/stagehand")), Some((user.uid, user.gid)))? };
+        let (script, outputs) = if step.command.is_none() {
+            (None, None)
+        } else {
+            exec.script_argv(
+                step,
+                Some(Path::new("/stagehand")),
+                Some((user.uid, user.gid)),
+            )?
+        };
         let args = if !step.entrypoint.is_empty() {
             step.entrypoint.clone()
         } else if let Some(script) = script {
@@ -198,7 +273,10 @@ impl Containers {
             defaults.args.clone()
         };
         if args.is_empty() {
-            return Err(format!("image `{image}` has no ENTRYPOINT or CMD, and step {} gives neither `command` nor `entrypoint`", step.id));
+            return Err(format!(
+                "image `{image}` has no ENTRYPOINT or CMD, and step {} gives neither `command` nor `entrypoint`",
+                step.id
+            ));
         }
         let mut overrides: Vec<String> = step.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
         overrides.push("HARNESS_WORKSPACE=/harness".into());
@@ -209,7 +287,10 @@ impl Containers {
         }
         let mut env = spec::merge_env(&defaults.env, &overrides);
         if !env.iter().any(|e| e.starts_with("PATH=")) {
-            env.insert(0, "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into());
+            env.insert(
+                0,
+                "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+            );
         }
         let mut cs = ContainerSpec::new(args);
         cs.env = env;
@@ -221,18 +302,23 @@ impl Containers {
             None => Network::Host,
         };
         cs.mounts.push(BindMount::rw(&step.workspace, "/harness"));
-        cs.mounts.push(BindMount::rw(exec.steps_dir(), "/stagehand"));
+        cs.mounts
+            .push(BindMount::rw(exec.steps_dir(), "/stagehand"));
         if let Some(st) = stage {
             cs.mounts.push(BindMount::ro(st.hosts_path(), "/etc/hosts"));
         }
-        let resolv = stage.and_then(|s| s.resolv_path().map(Path::to_path_buf)).unwrap_or_else(|| PathBuf::from("/etc/resolv.conf"));
+        let resolv = stage
+            .and_then(|s| s.resolv_path().map(Path::to_path_buf))
+            .unwrap_or_else(|| PathBuf::from("/etc/resolv.conf"));
         if resolv.exists() {
             cs.mounts.push(BindMount::ro(resolv, "/etc/resolv.conf"));
         }
         for (host_dir, mount) in &self.volumes {
             cs.mounts.push(BindMount::rw(host_dir, mount.clone()));
         }
-        cs.cgroups_path = stage.and_then(|s| s.cgroup_rel(&step.id)).map(|p| p.display().to_string());
+        cs.cgroups_path = stage
+            .and_then(|s| s.cgroup_rel(&step.id))
+            .map(|p| p.display().to_string());
         let _ = limits;
         let l = exec.limits_of(step);
         cs.resources = Resources {
@@ -244,11 +330,14 @@ impl Containers {
         };
         cs.privileged = step.privileged;
         cs.init = self.init.clone();
-        let built = spec::build(&cs, &self.host).map_err(|e| format!("container spec for {}: {e}", step.id))?;
+        let built = spec::build(&cs, &self.host)
+            .map_err(|e| format!("container spec for {}: {e}", step.id))?;
         spec::write_bundle(&c.dir, &built).map_err(|e| format!("bundle for {}: {e}", step.id))?;
         match &self.backend {
             Backend::Runc => Ok((self.runtime.run_argv(&c.dir, &c.id), outputs)),
-            Backend::Containerd { address, namespace } => Ok((containerd_argv(address, namespace, &c.dir, &c.id)?, outputs)),
+            Backend::Containerd { address, namespace } => {
+                Ok((containerd_argv(address, namespace, &c.dir, &c.id)?, outputs))
+            }
         }
     }
 
@@ -257,9 +346,17 @@ impl Containers {
     pub(crate) fn cleanup(&self, c: &Container, stage: Option<&Stage>) -> Vec<String> {
         let mut errors = Vec::new();
         let exec = |argv: Vec<OsString>| -> std::io::Result<std::process::Output> {
-            let env: Vec<(String, String)> = std::env::vars().filter(|(k, _)| k == "PATH").collect();
-            let out = process::run_output(argv, env, "/").map_err(|e| std::io::Error::other(e.to_string()))?;
-            Ok(std::process::Output { status: std::os::unix::process::ExitStatusExt::from_raw(out.status.exit_code() << 8), stdout: out.stdout, stderr: out.stderr })
+            let env: Vec<(String, String)> =
+                std::env::vars().filter(|(k, _)| k == "PATH").collect();
+            let out = process::run_output(argv, env, "/")
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            Ok(std::process::Output {
+                status: std::os::unix::process::ExitStatusExt::from_raw(
+                    out.status.exit_code() << 8,
+                ),
+                stdout: out.stdout,
+                stderr: out.stderr,
+            })
         };
         match &self.backend {
             Backend::Runc => {
@@ -300,9 +397,17 @@ impl Containers {
         let root: OsString = match &self.backend {
             Backend::Runc => self.runtime.state_root().into(),
             // containerd's runc shim keeps its runc state per namespace there.
-            Backend::Containerd { namespace, .. } => Path::new("/run/containerd/runc").join(namespace).into(),
+            Backend::Containerd { namespace, .. } => {
+                Path::new("/run/containerd/runc").join(namespace).into()
+            }
         };
-        vec![self.runtime.binary().into(), "--root".into(), root, "exec".into(), id.into()]
+        vec![
+            self.runtime.binary().into(),
+            "--root".into(),
+            root,
+            "exec".into(),
+            id.into(),
+        ]
     }
 
     /// The image's Docker `HEALTHCHECK` (from its config), as a health check; `None` when it
@@ -319,9 +424,15 @@ impl Containers {
 /// `stagehand __containerd-run ...`: the helper that runs one container as a containerd task
 /// in the foreground, standing in for `runc run` as the host executor's child.
 #[cfg(feature = "containerd")]
-fn containerd_argv(address: &Path, namespace: &str, bundle: &Path, id: &str) -> Result<Vec<OsString>, String> {
+fn containerd_argv(
+    address: &Path,
+    namespace: &str,
+    bundle: &Path,
+    id: &str,
+) -> Result<Vec<OsString>, String> {
     super::containerd::adapt_bundle(bundle).map_err(|e| e.to_string())?;
-    let me = std::env::current_exe().map_err(|e| format!("find the stagehand binary for the containerd helper: {e}"))?;
+    let me = std::env::current_exe()
+        .map_err(|e| format!("find the stagehand binary for the containerd helper: {e}"))?;
     Ok(vec![
         me.into(),
         "__containerd-run".into(),
@@ -345,10 +456,19 @@ fn containerd_argv(_: &Path, _: &str, _: &Path, _: &str) -> Result<Vec<OsString>
 /// durations in nanoseconds (0 = Docker's default), `Retries`.
 fn docker_healthcheck(h: &serde_json::Value) -> Option<super::ResolvedHealth> {
     use std::time::Duration;
-    let test: Vec<String> = h.get("Test")?.as_array()?.iter().filter_map(|x| x.as_str().map(String::from)).collect();
+    let test: Vec<String> = h
+        .get("Test")?
+        .as_array()?
+        .iter()
+        .filter_map(|x| x.as_str().map(String::from))
+        .collect();
     let cmd = match test.first().map(String::as_str) {
         Some("CMD-SHELL") => test.get(1)?.clone(),
-        Some("CMD") if test.len() > 1 => test[1..].iter().map(|a| shell_quote(a)).collect::<Vec<_>>().join(" "),
+        Some("CMD") if test.len() > 1 => test[1..]
+            .iter()
+            .map(|a| shell_quote(a))
+            .collect::<Vec<_>>()
+            .join(" "),
         _ => return None,
     };
     let ns = |k: &str, default: Duration| match h.get(k).and_then(|x| x.as_u64()) {
@@ -369,7 +489,9 @@ fn docker_healthcheck(h: &serde_json::Value) -> Option<super::ResolvedHealth> {
 }
 
 fn shell_quote(a: &str) -> String {
-    if a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c)) {
+    if a.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@".contains(c))
+    {
         a.to_string()
     } else {
         format!("'{}'", a.replace('\'', r"'\''"))
@@ -381,9 +503,15 @@ fn missing_image(image: &str, policy: Option<PullPolicy>, root: &Path) -> String
         "load it with `stagehand image load FILE` (a docker save / podman save / skopeo archive), `stagehand image import ROOTFS --tag {image}`, or `stagehand image pull REFERENCE` from a registry"
     );
     match policy {
-        Some(PullPolicy::Never) => format!("image `{image}` is not in the image store ({}) and imagePullPolicy is Never: {how}", root.display()),
+        Some(PullPolicy::Never) => format!(
+            "image `{image}` is not in the image store ({}) and imagePullPolicy is Never: {how}",
+            root.display()
+        ),
         // Only an image id gets here otherwise: there is nothing to pull it by.
-        _ => format!("image `{image}` is not in the image store ({}): {how}", root.display()),
+        _ => format!(
+            "image `{image}` is not in the image store ({}): {how}",
+            root.display()
+        ),
     }
 }
 
@@ -396,19 +524,31 @@ fn effective_policy(policy: Option<PullPolicy>, image: &str) -> (PullPolicy, boo
     let latest = stagehand_oci::store::parse_reference(image)
         .map(|r| r.digest().is_none() && r.tag().is_none_or(|t| t == "latest"))
         .unwrap_or(false);
-    (if latest { PullPolicy::Always } else { PullPolicy::IfNotPresent }, true)
+    (
+        if latest {
+            PullPolicy::Always
+        } else {
+            PullPolicy::IfNotPresent
+        },
+        true,
+    )
 }
 
 /// `sha256:<hex>` or bare hex digits: how `image` names an image by id (or id prefix).
 fn looks_like_image_id(image: &str) -> bool {
     let hex = image.strip_prefix("sha256:").unwrap_or(image);
-    hex.len() >= 4 && hex.len() <= 64 && hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    hex.len() >= 4
+        && hex.len() <= 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Registries found unreachable during this run, so a defaulted `Always` does not wait on a
 /// dead registry again for every step (see [`Containers::image_for`]).
 fn unreachable_registries() -> std::sync::MutexGuard<'static, std::collections::BTreeSet<String>> {
-    static SET: std::sync::Mutex<std::collections::BTreeSet<String>> = std::sync::Mutex::new(std::collections::BTreeSet::new());
+    static SET: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
     SET.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -417,14 +557,20 @@ fn unreachable_registries() -> std::sync::MutexGuard<'static, std::collections::
 /// readers, health checks) to another thread while the pull is driven on this one. Anywhere
 /// else (a current-thread runtime, no runtime) the pull gets a thread and runtime of its own.
 /// `Err(Err(_))` is a failure to set up that runtime.
-fn pull_blocking(store: &Store, image: &str, opts: &PullOptions, abort: &super::host::Abort) -> Result<pull::Pulled, Result<PullError, String>> {
+fn pull_blocking(
+    store: &Store,
+    image: &str,
+    opts: &PullOptions,
+    abort: &super::host::Abort,
+) -> Result<pull::Pulled, Result<PullError, String>> {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => tokio::task::block_in_place(|| {
-            // A pull from a registry that stalls must not outlive an abort or the step's
-            // timeout: dropping the pull future cancels it, and the store never shows a
-            // half-written blob.
-            h.block_on(async {
+        Ok(h) if h.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| {
+                // A pull from a registry that stalls must not outlive an abort or the step's
+                // timeout: dropping the pull future cancels it, and the store never shows a
+                // half-written blob.
+                h.block_on(async {
                 let cancelled = async {
                     match &abort.cancel {
                         Some(c) => c.cancelled().await,
@@ -443,10 +589,14 @@ fn pull_blocking(store: &Store, image: &str, opts: &PullOptions, abort: &super::
                     _ = expired => Err(Err(format!("pull of `{image}` stopped: the step timed out"))),
                 }
             })
-        }),
+            })
+        }
         _ => std::thread::scope(|s| {
             s.spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| Err(format!("start a runtime for the pull: {e}")))?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Err(format!("start a runtime for the pull: {e}")))?;
                 rt.block_on(pull::pull(store, image, opts)).map_err(Ok)
             })
             .join()
@@ -463,20 +613,41 @@ mod tests {
     fn docker_healthchecks_become_exec_probes() {
         let h = serde_json::json!({"Test": ["CMD-SHELL", "pg_isready -U postgres"], "Interval": 5_000_000_000u64, "Timeout": 0});
         let r = docker_healthcheck(&h).unwrap();
-        assert!(matches!(r.probe, super::super::ResolvedProbe::Exec(ref c) if c == "pg_isready -U postgres"));
-        assert_eq!(r.interval, std::time::Duration::from_secs(1), "capped so readiness is seen fast");
+        assert!(
+            matches!(r.probe, super::super::ResolvedProbe::Exec(ref c) if c == "pg_isready -U postgres")
+        );
+        assert_eq!(
+            r.interval,
+            std::time::Duration::from_secs(1),
+            "capped so readiness is seen fast"
+        );
         let h = serde_json::json!({"Test": ["CMD", "curl", "-f", "http://localhost/a b"]});
         let r = docker_healthcheck(&h).unwrap();
-        assert!(matches!(r.probe, super::super::ResolvedProbe::Exec(ref c) if c == "curl -f 'http://localhost/a b'"));
+        assert!(
+            matches!(r.probe, super::super::ResolvedProbe::Exec(ref c) if c == "curl -f 'http://localhost/a b'")
+        );
         assert!(docker_healthcheck(&serde_json::json!({"Test": ["NONE"]})).is_none());
     }
 
     #[test]
     fn missing_image_names_the_image_and_the_fix() {
-        let m = missing_image("postgres:15", Some(PullPolicy::Never), Path::new("/var/lib/stagehand"));
-        assert!(m.contains("image `postgres:15`") && m.contains("imagePullPolicy is Never") && m.contains("stagehand image load"), "{m}");
+        let m = missing_image(
+            "postgres:15",
+            Some(PullPolicy::Never),
+            Path::new("/var/lib/stagehand"),
+        );
+        assert!(
+            m.contains("image `postgres:15`")
+                && m.contains("imagePullPolicy is Never")
+                && m.contains("stagehand image load"),
+            "{m}"
+        );
         let m = missing_image("busybox", None, Path::new("/s"));
-        assert!(m.contains("stagehand image import ROOTFS --tag busybox") && m.contains("stagehand image pull"), "{m}");
+        assert!(
+            m.contains("stagehand image import ROOTFS --tag busybox")
+                && m.contains("stagehand image pull"),
+            "{m}"
+        );
     }
 
     #[test]
@@ -493,11 +664,24 @@ mod tests {
         for (image, want) in cases {
             assert_eq!(effective_policy(None, image), *want, "{image}");
         }
-        assert_eq!(effective_policy(None, &format!("busybox@sha256:{hex}")), (IfNotPresent, true));
-        assert_eq!(effective_policy(None, &format!("busybox:latest@sha256:{hex}")), (IfNotPresent, true));
+        assert_eq!(
+            effective_policy(None, &format!("busybox@sha256:{hex}")),
+            (IfNotPresent, true)
+        );
+        assert_eq!(
+            effective_policy(None, &format!("busybox:latest@sha256:{hex}")),
+            (IfNotPresent, true)
+        );
         assert_eq!(effective_policy(Some(Never), "busybox"), (Never, false));
-        assert_eq!(effective_policy(Some(Always), "postgres:15"), (Always, false));
-        assert!(looks_like_image_id(&format!("sha256:{hex}")) && looks_like_image_id("abcd12") && !looks_like_image_id("busybox"));
+        assert_eq!(
+            effective_policy(Some(Always), "postgres:15"),
+            (Always, false)
+        );
+        assert!(
+            looks_like_image_id(&format!("sha256:{hex}"))
+                && looks_like_image_id("abcd12")
+                && !looks_like_image_id("busybox")
+        );
     }
 
     /// From a task of the multi-thread runtime (how steps are prepared) the pull runs in
@@ -506,8 +690,17 @@ mod tests {
     #[test]
     fn pull_blocking_works_in_and_outside_the_multi_thread_runtime() {
         fn check(store: &Store, image: &str) {
-            match pull_blocking(store, image, &PullOptions::default(), &crate::exec::host::Abort::default()) {
-                Err(Ok(e @ PullError::Unreachable { .. })) => assert!(e.to_string().contains(&format!("`{image}:latest`: connection refused")), "{e}"),
+            match pull_blocking(
+                store,
+                image,
+                &PullOptions::default(),
+                &crate::exec::host::Abort::default(),
+            ) {
+                Err(Ok(e @ PullError::Unreachable { .. })) => assert!(
+                    e.to_string()
+                        .contains(&format!("`{image}:latest`: connection refused")),
+                    "{e}"
+                ),
                 Err(Ok(e)) => panic!("{e}"),
                 Err(Err(e)) => panic!("{e}"),
                 Ok(p) => panic!("{p:?}"),
@@ -515,12 +708,23 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let image = format!("127.0.0.1:{port}/lab/busybox");
         check(&store, &image);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async { check(&store, &image) });
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async { check(&store, &image) });
         let (s, i) = (store.clone(), image.clone());
         rt.block_on(async move { tokio::spawn(async move { check(&s, &i) }).await.unwrap() });

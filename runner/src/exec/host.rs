@@ -21,9 +21,12 @@ use stagehand_supervisor::stage::{Stage, StepSandbox};
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
-use super::{Executor, LineSink, Outcome, ResolvedHealth, ResolvedProbe, ResolvedStep, ServiceEnd, ServiceState};
-use tokio::sync::watch;
+use super::{
+    Executor, LineSink, Outcome, ResolvedHealth, ResolvedProbe, ResolvedStep, ServiceEnd,
+    ServiceState,
+};
 use crate::model::Shell;
+use tokio::sync::watch;
 
 /// Grace period for a Run step stopped by its timeout or an abort, before SIGKILL.
 const RUN_STOP_GRACE: Duration = Duration::from_secs(5);
@@ -64,12 +67,21 @@ pub struct HostExecutor {
 impl HostExecutor {
     /// On error the stage sandbox is handed back, so the caller can tear it down.
     #[allow(clippy::result_large_err)]
-    pub fn new(dir: PathBuf, stop_timeout: Duration, stage: Option<Stage>, limits: DefaultLimits) -> Result<HostExecutor, (std::io::Error, Option<Stage>)> {
+    pub fn new(
+        dir: PathBuf,
+        stop_timeout: Duration,
+        stage: Option<Stage>,
+        limits: DefaultLimits,
+    ) -> Result<HostExecutor, (std::io::Error, Option<Stage>)> {
         // The directory must be traversable by a `runAsUser` step.
-        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))) {
+        if let Err(e) = std::fs::create_dir_all(&dir)
+            .and_then(|_| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)))
+        {
             return Err((e, stage));
         }
-        let base_env = std::env::vars().filter(|(k, _)| !k.starts_with("STAGEHAND_SECRET_")).collect();
+        let base_env = std::env::vars()
+            .filter(|(k, _)| !k.starts_with("STAGEHAND_SECRET_"))
+            .collect();
         Ok(HostExecutor {
             dir,
             stage: std::sync::Mutex::new(stage.map(Arc::new)),
@@ -105,20 +117,36 @@ impl HostExecutor {
 
     /// The step's limits: its own `resources.limits`, else the defaults for its kind.
     fn limits_for(&self, step: &ResolvedStep) -> Limits {
-        let d = if step.background { self.limits.background } else { self.limits.run };
-        Limits { memory_bytes: step.memory.or(d.memory_bytes), cpu_millis: step.cpu.or(d.cpu_millis), pids: d.pids }
+        let d = if step.background {
+            self.limits.background
+        } else {
+            self.limits.run
+        };
+        Limits {
+            memory_bytes: step.memory.or(d.memory_bytes),
+            cpu_millis: step.cpu.or(d.cpu_millis),
+            pids: d.pids,
+        }
     }
 
     /// The shell argv running the step's `command` as a script, written to the steps
     /// directory, with output-variable capture appended; `None` when `entrypoint` replaces the
     /// command (Harness: entrypoint wins). `inside` is the steps directory's path as the
     /// process sees it (a container mounts it elsewhere). Returns the outputs file's host path.
-    pub(crate) fn script_argv(&self, step: &ResolvedStep, inside: Option<&Path>, owner: Option<(u32, u32)>) -> Result<(Option<Vec<String>>, Option<PathBuf>), String> {
+    pub(crate) fn script_argv(
+        &self,
+        step: &ResolvedStep,
+        inside: Option<&Path>,
+        owner: Option<(u32, u32)>,
+    ) -> Result<(Option<Vec<String>>, Option<PathBuf>), String> {
         if !step.entrypoint.is_empty() {
             return Ok((None, None));
         }
         let Some(command) = &step.command else {
-            return Err(format!("step {} has neither `command` nor `entrypoint`", step.id));
+            return Err(format!(
+                "step {} has neither `command` nor `entrypoint`",
+                step.id
+            ));
         };
         let seen = |host: &Path| -> PathBuf {
             match inside {
@@ -136,21 +164,36 @@ impl HostExecutor {
             let path = self.dir.join(format!("{}.outputs", step.id));
             std::fs::write(&path, b"").map_err(|e| format!("create {}: {e}", path.display()))?;
             if let Some((uid, gid)) = owner {
-                std::os::unix::fs::chown(&path, Some(uid), Some(gid)).map_err(|e| format!("chown {}: {e}", path.display()))?;
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|e| format!("chown {}: {e}", path.display()))?;
             }
             script.push_str(&capture_code(shell, &step.output_variables, &seen(&path)));
             outputs_file = Some(path);
         }
         let path = self.dir.join(format!("{}.{}", step.id, extension(shell)));
         std::fs::write(&path, script).map_err(|e| format!("write {}: {e}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).map_err(|e| e.to_string())?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| e.to_string())?;
         let p = seen(&path).display().to_string();
         let argv = match shell {
             Shell::Sh => vec!["sh".into(), "-e".into(), p],
-            Shell::Bash => vec!["bash".into(), "-e".into(), "-o".into(), "pipefail".into(), p],
+            Shell::Bash => vec![
+                "bash".into(),
+                "-e".into(),
+                "-o".into(),
+                "pipefail".into(),
+                p,
+            ],
             Shell::Python => vec!["python3".into(), p],
             Shell::Pwsh | Shell::PowerShell => {
-                vec!["pwsh".into(), "-NoLogo".into(), "-NoProfile".into(), "-NonInteractive".into(), "-File".into(), p]
+                vec![
+                    "pwsh".into(),
+                    "-NoLogo".into(),
+                    "-NoProfile".into(),
+                    "-NonInteractive".into(),
+                    "-File".into(),
+                    p,
+                ]
             }
         };
         Ok((Some(argv), outputs_file))
@@ -162,7 +205,8 @@ impl HostExecutor {
             Some(u) if !u.trim().is_empty() => Some(lookup_user(u.trim())?),
             _ => None,
         };
-        let (argv, outputs_file) = self.script_argv(step, None, user.as_ref().map(|u| (u.uid, u.gid)))?;
+        let (argv, outputs_file) =
+            self.script_argv(step, None, user.as_ref().map(|u| (u.uid, u.gid)))?;
         let argv = argv.unwrap_or_else(|| step.entrypoint.clone());
         let mut env: Vec<(String, String)> = self.base_env.clone();
         let ws = step.workspace.display().to_string();
@@ -183,24 +227,36 @@ impl HostExecutor {
         }
         let mut spec = SpawnSpec::new(
             argv.into_iter().map(OsString::from),
-            env.into_iter().map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            env.into_iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
             &step.workspace,
         );
         spec.process_group = true;
         spec.parent_death_signal = Some(libc::SIGKILL);
         spec.output = OutputTarget::Merged;
-        spec.user = user.map(|u| UserSpec { uid: u.uid, gid: u.gid, groups: u.groups });
+        spec.user = user.map(|u| UserSpec {
+            uid: u.uid,
+            gid: u.gid,
+            groups: u.groups,
+        });
         Ok((spec, outputs_file))
     }
 
-    fn spawn(&self, step: &ResolvedStep, out: Arc<dyn LineSink>, abort: &Abort) -> Result<Spawned, String> {
+    fn spawn(
+        &self,
+        step: &ResolvedStep,
+        out: Arc<dyn LineSink>,
+        abort: &Abort,
+    ) -> Result<Spawned, String> {
         if step.image.is_some() {
             return self.spawn_container(step, out, abort);
         }
         let (mut spec, outputs) = self.prepare(step)?;
         let sandbox = match self.stage() {
             Some(stage) => {
-                let sb = stage.step(&step.id, &self.limits_for(step)).map_err(|e| format!("prepare {}: {e}", step.id))?;
+                let sb = stage
+                    .step(&step.id, &self.limits_for(step))
+                    .map_err(|e| format!("prepare {}: {e}", step.id))?;
                 if let Err(e) = stage.apply(&sb, &mut spec) {
                     stage.finish_step(&sb);
                     return Err(format!("prepare {}: {e}", step.id));
@@ -219,29 +275,48 @@ impl HostExecutor {
             }
         };
         let reader = forward_output(&mut child, &step.id, out);
-        Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox, container: None })
+        Ok(Spawned {
+            child: Arc::new(child),
+            reader,
+            outputs,
+            sandbox,
+            container: None,
+        })
     }
 
     /// A step with an `image`: an OCI container run by the runtime in the foreground, as our
     /// child, in the step's cgroup and the stage's network namespace.
-    fn spawn_container(&self, step: &ResolvedStep, out: Arc<dyn LineSink>, abort: &Abort) -> Result<Spawned, String> {
+    fn spawn_container(
+        &self,
+        step: &ResolvedStep,
+        out: Arc<dyn LineSink>,
+        abort: &Abort,
+    ) -> Result<Spawned, String> {
         let Some(containers) = &self.containers else {
-            return Err(format!("step {} runs in an image, but containers are not available here: {}", step.id, self.containers_unavailable));
+            return Err(format!(
+                "step {} runs in an image, but containers are not available here: {}",
+                step.id, self.containers_unavailable
+            ));
         };
         let stage = self.stage();
         let sandbox = match &stage {
-            Some(st) => Some(st.step(&step.id, &self.limits_for(step)).map_err(|e| format!("prepare {}: {e}", step.id))?),
+            Some(st) => Some(
+                st.step(&step.id, &self.limits_for(step))
+                    .map_err(|e| format!("prepare {}: {e}", step.id))?,
+            ),
             None => None,
         };
         let limits = self.limits_for(step);
-        let prepared = containers.prepare(self, step, stage.as_deref(), &limits, abort).and_then(|p| {
-            // Aborted while the image was prepared: no runtime is started for nothing.
-            if abort.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
-                containers.cleanup(&p.2, stage.as_deref());
-                return Err("aborted while preparing the container".into());
-            }
-            Ok(p)
-        });
+        let prepared = containers
+            .prepare(self, step, stage.as_deref(), &limits, abort)
+            .and_then(|p| {
+                // Aborted while the image was prepared: no runtime is started for nothing.
+                if abort.cancel.as_ref().is_some_and(|c| c.is_cancelled()) {
+                    containers.cleanup(&p.2, stage.as_deref());
+                    return Err("aborted while preparing the container".into());
+                }
+                Ok(p)
+            });
         let (spec, outputs, container) = match prepared {
             Ok(p) => p,
             Err(e) => {
@@ -262,7 +337,13 @@ impl HostExecutor {
             }
         };
         let reader = forward_output(&mut child, &step.id, out);
-        Ok(Spawned { child: Arc::new(child), reader, outputs, sandbox, container: Some(container) })
+        Ok(Spawned {
+            child: Arc::new(child),
+            reader,
+            outputs,
+            sandbox,
+            container: Some(container),
+        })
     }
 
     /// "X was killed: out of memory (limit 500Mi)" when the cgroup saw an OOM kill.
@@ -271,7 +352,10 @@ impl HostExecutor {
         if !cg.oom_killed().unwrap_or(false) {
             return None;
         }
-        let limit = cg.memory_limit().map(|b| format!(" (limit {})", crate::units::format_memory(b))).unwrap_or_default();
+        let limit = cg
+            .memory_limit()
+            .map(|b| format!(" (limit {})", crate::units::format_memory(b)))
+            .unwrap_or_default();
         Some(format!("{id} was killed: out of memory{limit}"))
     }
 
@@ -301,10 +385,16 @@ struct ProbeCtx {
 }
 
 impl HostExecutor {
-    fn probe_spec_parts(&self, step: &ResolvedStep, cmd: &str, container: Option<&str>) -> Result<ExecProbe, String> {
+    fn probe_spec_parts(
+        &self,
+        step: &ResolvedStep,
+        cmd: &str,
+        container: Option<&str>,
+    ) -> Result<ExecProbe, String> {
         if let (Some(id), Some(cs)) = (container, &self.containers) {
             // Inside the service's container: its files, its user, its namespaces.
-            let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+            let path =
+                std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
             return Ok(ExecProbe {
                 runtime_exec: Some(cs.exec_argv(id)),
                 env: vec![("PATH".into(), path)],
@@ -323,8 +413,13 @@ impl HostExecutor {
             cwd: spec.cwd,
             command: cmd.to_string(),
             user: spec.user,
-            netns: stage.as_ref().and_then(|s| s.netns_path().map(Path::to_path_buf)),
-            hosts: stage.as_ref().filter(|_| nix::unistd::geteuid().is_root()).map(|s| s.hosts_path().to_path_buf()),
+            netns: stage
+                .as_ref()
+                .and_then(|s| s.netns_path().map(Path::to_path_buf)),
+            hosts: stage
+                .as_ref()
+                .filter(|_| nix::unistd::geteuid().is_root())
+                .map(|s| s.hosts_path().to_path_buf()),
         })
     }
 }
@@ -354,17 +449,28 @@ impl LineSink for LogProbe {
 }
 
 /// Probe every `interval` until ready, failed, the service exits, or teardown begins.
-async fn probe_loop(h: ResolvedHealth, ctx: ProbeCtx, tx: Arc<watch::Sender<ServiceState>>, started: Instant, stopping: Arc<std::sync::atomic::AtomicBool>) {
+async fn probe_loop(
+    h: ResolvedHealth,
+    ctx: ProbeCtx,
+    tx: Arc<watch::Sender<ServiceState>>,
+    started: Instant,
+    stopping: Arc<std::sync::atomic::AtomicBool>,
+) {
     let ctx = Arc::new(ctx);
     let mut failures = 0u32;
     loop {
-        if stopping.load(std::sync::atomic::Ordering::SeqCst) || *tx.borrow() != ServiceState::Starting {
+        if stopping.load(std::sync::atomic::Ordering::SeqCst)
+            || *tx.borrow() != ServiceState::Starting
+        {
             return;
         }
         let attempt = tokio::time::timeout(h.timeout, probe_once(&h.probe, ctx.clone())).await;
         let result = match attempt {
             Ok(r) => r,
-            Err(_) => Err(format!("probe timed out after {}", crate::units::format_duration(h.timeout))),
+            Err(_) => Err(format!(
+                "probe timed out after {}",
+                crate::units::format_duration(h.timeout)
+            )),
         };
         let elapsed = started.elapsed();
         let next = match result {
@@ -374,9 +480,14 @@ async fn probe_loop(h: ResolvedHealth, ctx: ProbeCtx, tx: Arc<watch::Sender<Serv
                     failures += 1;
                 }
                 if h.retries.is_some_and(|r| failures >= r) {
-                    Some(ServiceState::Failed(format!("health check failed {failures} times in a row; last: {e}")))
+                    Some(ServiceState::Failed(format!(
+                        "health check failed {failures} times in a row; last: {e}"
+                    )))
                 } else if elapsed >= h.deadline {
-                    Some(ServiceState::Failed(format!("not ready after {}; last probe: {e}", crate::units::format_duration(h.deadline))))
+                    Some(ServiceState::Failed(format!(
+                        "not ready after {}; last probe: {e}",
+                        crate::units::format_duration(h.deadline)
+                    )))
                 } else {
                     None
                 }
@@ -400,7 +511,12 @@ async fn probe_once(probe: &ResolvedProbe, ctx: Arc<ProbeCtx>) -> Result<(), Str
     match probe {
         ResolvedProbe::Tcp(port) => {
             let port = *port;
-            in_stage(&ctx, move || std::net::TcpStream::connect(("127.0.0.1", port)).map(|_| ()).map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))).await
+            in_stage(&ctx, move || {
+                std::net::TcpStream::connect(("127.0.0.1", port))
+                    .map(|_| ())
+                    .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))
+            })
+            .await
         }
         ResolvedProbe::Http { port, path, status } => {
             let (port, path, want) = (*port, path.clone(), *status);
@@ -413,7 +529,10 @@ async fn probe_once(probe: &ResolvedProbe, ctx: Arc<ProbeCtx>) -> Result<(), Str
 
 /// Run blocking socket work where the service's sockets are: on a thread inside the stage
 /// network namespace, or on the host.
-async fn in_stage(ctx: &Arc<ProbeCtx>, f: impl FnOnce() -> Result<(), String> + Send + 'static) -> Result<(), String> {
+async fn in_stage(
+    ctx: &Arc<ProbeCtx>,
+    f: impl FnOnce() -> Result<(), String> + Send + 'static,
+) -> Result<(), String> {
     let ns = ctx.netns.clone();
     tokio::task::spawn_blocking(move || match ns {
         Some(path) => {
@@ -428,22 +547,37 @@ async fn in_stage(ctx: &Arc<ProbeCtx>, f: impl FnOnce() -> Result<(), String> + 
 
 fn http_probe(port: u16, path: &str, want: Option<u16>) -> Result<(), String> {
     use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))
+        .map_err(|e| format!("connect 127.0.0.1:{port}: {e}"))?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: stagehand-health\r\n\r\n").map_err(|e| e.to_string())?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: localhost\r\nUser-Agent: stagehand-health\r\n\r\n"
+    )
+    .map_err(|e| e.to_string())?;
     let mut buf = [0u8; 64];
     let n = s.read(&mut buf).map_err(|e| format!("read: {e}"))?;
     let head = String::from_utf8_lossy(&buf[..n]);
-    let code: u16 = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| format!("not an HTTP response: {head:?}"))?;
+    let code: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {head:?}"))?;
     let ok = match want {
         Some(w) => code == w,
         None => (200..300).contains(&code),
     };
-    if ok { Ok(()) } else { Err(format!("GET {path} answered {code}")) }
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("GET {path} answered {code}"))
+    }
 }
 
 async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
-    let Some(e) = &ctx.exec else { return Err("no exec probe".into()) };
+    let Some(e) = &ctx.exec else {
+        return Err("no exec probe".into());
+    };
     let mut argv: Vec<OsString> = e.runtime_exec.clone().unwrap_or_default();
     argv.extend(["sh".into(), "-c".into(), OsString::from(&e.command)]);
     let mut spec = SpawnSpec::new(argv, e.env.clone(), &e.cwd);
@@ -452,10 +586,17 @@ async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
     spec.process_group = true;
     spec.parent_death_signal = Some(libc::SIGKILL);
     if let Some(ns) = &e.netns {
-        spec.netns = Some(stagehand_supervisor::netns::NetNs::open(ns).and_then(|n| n.fd()).map_err(|e| e.to_string())?);
+        spec.netns = Some(
+            stagehand_supervisor::netns::NetNs::open(ns)
+                .and_then(|n| n.fd())
+                .map_err(|e| e.to_string())?,
+        );
     }
     if let Some(h) = &e.hosts {
-        spec.private_mounts.push(stagehand_supervisor::process::BindMount::new(h, "/etc/hosts").map_err(|e| e.to_string())?);
+        spec.private_mounts.push(
+            stagehand_supervisor::process::BindMount::new(h, "/etc/hosts")
+                .map_err(|e| e.to_string())?,
+        );
     }
     let child = process::spawn(spec).map_err(|e| e.to_string())?;
     // Dropped by the caller's timeout: the group is killed so no probe outlives its turn.
@@ -470,7 +611,11 @@ async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
     let guard = Kill(&child);
     let status = child.wait().await;
     drop(guard);
-    if status.success() { Ok(()) } else { Err(format!("`{}` {status}", e.command)) }
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("`{}` {status}", e.command))
+    }
 }
 
 /// What may cut a step's preparation short (an image pull): the stage's abort and the step's
@@ -490,16 +635,32 @@ struct Spawned {
 }
 
 impl Executor for HostExecutor {
-    fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome> {
+    fn run<'a>(
+        &'a self,
+        step: &'a ResolvedStep,
+        out: Arc<dyn LineSink>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Outcome> {
         async move {
             // The deadline starts before the step is prepared: pulling and unpacking an image
             // are part of the step and are bounded by its timeout and by an abort.
             let deadline = step.timeout.map(|t| tokio::time::Instant::now() + t);
-            let abort = Abort { cancel: Some(cancel.clone()), deadline };
-            let Spawned { child, reader, outputs: outputs_file, sandbox, container } = match self.spawn(step, out.clone(), &abort) {
+            let abort = Abort {
+                cancel: Some(cancel.clone()),
+                deadline,
+            };
+            let Spawned {
+                child,
+                reader,
+                outputs: outputs_file,
+                sandbox,
+                container,
+            } = match self.spawn(step, out.clone(), &abort) {
                 Ok(x) => x,
                 Err(_) if cancel.is_cancelled() => return Outcome::Cancelled,
-                Err(_) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => return Outcome::TimedOut,
+                Err(_) if deadline.is_some_and(|d| tokio::time::Instant::now() >= d) => {
+                    return Outcome::TimedOut;
+                }
                 Err(e) => return Outcome::Error(e),
             };
             let timed_out = async {
@@ -542,7 +703,10 @@ impl Executor for HostExecutor {
                         Some(p) if status.success() => read_outputs(p),
                         _ => BTreeMap::new(),
                     };
-                    Outcome::Exited { code: status.exit_code(), outputs }
+                    Outcome::Exited {
+                        code: status.exit_code(),
+                        outputs,
+                    }
                 }
             }
         }
@@ -555,16 +719,31 @@ impl Executor for HostExecutor {
         out: Arc<dyn LineSink>,
     ) -> BoxFuture<'a, Result<watch::Receiver<ServiceState>, String>> {
         async move {
-            let initial = if step.health_check.is_some() { ServiceState::Starting } else { ServiceState::Ready(Duration::ZERO) };
+            let initial = if step.health_check.is_some() {
+                ServiceState::Starting
+            } else {
+                ServiceState::Ready(Duration::ZERO)
+            };
             let (tx, rx) = watch::channel(initial);
             let tx = Arc::new(tx);
             let started = Instant::now();
             // A `log:` probe watches the output lines as they arrive.
             let sink: Arc<dyn LineSink> = match step.health_check.as_ref().map(|h| &h.probe) {
-                Some(ResolvedProbe::Log(re)) => Arc::new(LogProbe { inner: out.clone(), re: re.clone(), tx: tx.clone(), started }),
+                Some(ResolvedProbe::Log(re)) => Arc::new(LogProbe {
+                    inner: out.clone(),
+                    re: re.clone(),
+                    tx: tx.clone(),
+                    started,
+                }),
                 _ => out.clone(),
             };
-            let Spawned { child, reader, sandbox, container, .. } = self.spawn(step, sink, &Abort::default())?;
+            let Spawned {
+                child,
+                reader,
+                sandbox,
+                container,
+                ..
+            } = self.spawn(step, sink, &Abort::default())?;
             // An image's own HEALTHCHECK counts when the step sets none (Docker's rule).
             let image_health = match (&step.health_check, &container, &self.containers) {
                 (None, Some(_), Some(cs)) => step.image.as_deref().and_then(|i| cs.image_health(i)),
@@ -589,17 +768,31 @@ impl Executor for HostExecutor {
                     if stopping.load(std::sync::atomic::Ordering::SeqCst) {
                         return;
                     }
-                    let oom = oom_cg.as_ref().is_some_and(|c| c.oom_killed().unwrap_or(false));
+                    let oom = oom_cg
+                        .as_ref()
+                        .is_some_and(|c| c.oom_killed().unwrap_or(false));
                     let why = if oom {
-                        let limit = oom_cg.as_ref().and_then(|c| c.memory_limit()).map(crate::units::format_memory).unwrap_or_default();
+                        let limit = oom_cg
+                            .as_ref()
+                            .and_then(|c| c.memory_limit())
+                            .map(crate::units::format_memory)
+                            .unwrap_or_default();
                         format!("was killed: out of memory (limit {limit})")
                     } else {
-                        format!("exited after {}: {status}", crate::units::format_duration(started.elapsed()))
+                        format!(
+                            "exited after {}: {status}",
+                            crate::units::format_duration(started.elapsed())
+                        )
                     };
                     tx.send_modify(|st| {
                         *st = match st {
-                            ServiceState::Starting => ServiceState::Failed(format!("{why}, before it was ready")),
-                            _ => ServiceState::Exited { description: why, clean: status.success() },
+                            ServiceState::Starting => {
+                                ServiceState::Failed(format!("{why}, before it was ready"))
+                            }
+                            _ => ServiceState::Exited {
+                                description: why,
+                                clean: status.success(),
+                            },
                         }
                     });
                 });
@@ -607,9 +800,15 @@ impl Executor for HostExecutor {
             if let Some(h) = health {
                 if !matches!(h.probe, ResolvedProbe::Log(_)) {
                     let ctx = ProbeCtx {
-                        netns: self.stage().and_then(|s| s.netns_path().map(Path::to_path_buf)),
+                        netns: self
+                            .stage()
+                            .and_then(|s| s.netns_path().map(Path::to_path_buf)),
                         exec: match &h.probe {
-                            ResolvedProbe::Exec(cmd) => Some(self.probe_spec_parts(step, cmd, container.as_ref().map(|c| c.id.as_str()))?),
+                            ResolvedProbe::Exec(cmd) => Some(self.probe_spec_parts(
+                                step,
+                                cmd,
+                                container.as_ref().map(|c| c.id.as_str()),
+                            )?),
                             _ => None,
                         },
                     };
@@ -622,7 +821,10 @@ impl Executor for HostExecutor {
                         tokio::time::sleep(deadline).await;
                         tx.send_if_modified(|st| {
                             if *st == ServiceState::Starting {
-                                *st = ServiceState::Failed(format!("no output line matched the health check within {}", crate::units::format_duration(deadline)));
+                                *st = ServiceState::Failed(format!(
+                                    "no output line matched the health check within {}",
+                                    crate::units::format_duration(deadline)
+                                ));
                                 return true;
                             }
                             false
@@ -630,7 +832,14 @@ impl Executor for HostExecutor {
                     });
                 }
             }
-            self.services.lock().await.push(Service { id: step.id.clone(), sandbox, child, stopping, output_done: reader, container });
+            self.services.lock().await.push(Service {
+                id: step.id.clone(),
+                sandbox,
+                child,
+                stopping,
+                output_done: reader,
+                container,
+            });
             Ok(rx)
         }
         .boxed()
@@ -654,16 +863,29 @@ impl Executor for HostExecutor {
                 // against it, but a SIGKILL after the grace period is worth saying.
                 let (clean, description) = match already {
                     Some(st) => {
-                        let oom = s.sandbox.as_ref().and_then(|sb| sb.cgroup.as_ref()).filter(|cg| cg.oom_killed().unwrap_or(false));
+                        let oom = s
+                            .sandbox
+                            .as_ref()
+                            .and_then(|sb| sb.cgroup.as_ref())
+                            .filter(|cg| cg.oom_killed().unwrap_or(false));
                         let why = match oom {
-                            Some(cg) => format!("was killed: out of memory (limit {})", cg.memory_limit().map(crate::units::format_memory).unwrap_or_default()),
+                            Some(cg) => format!(
+                                "was killed: out of memory (limit {})",
+                                cg.memory_limit()
+                                    .map(crate::units::format_memory)
+                                    .unwrap_or_default()
+                            ),
                             None => format!("had exited before the stage ended: {st}"),
                         };
                         (st.success(), why)
                     }
-                    None if status.signal == Some(libc::SIGKILL) => {
-                        (true, format!("stopped: did not exit within {} of SIGTERM, killed", crate::units::format_duration(grace)))
-                    }
+                    None if status.signal == Some(libc::SIGKILL) => (
+                        true,
+                        format!(
+                            "stopped: did not exit within {} of SIGTERM, killed",
+                            crate::units::format_duration(grace)
+                        ),
+                    ),
                     None => (true, format!("stopped: {status}")),
                 };
                 let _ = &s.sandbox;
@@ -672,7 +894,14 @@ impl Executor for HostExecutor {
                         tracing::warn!(service = %s.id, error = %e, "container cleanup");
                     }
                 }
-                (ServiceEnd { id: s.id, description, clean }, s.output_done)
+                (
+                    ServiceEnd {
+                        id: s.id,
+                        description,
+                        clean,
+                    },
+                    s.output_done,
+                )
             }))
             .await
             .into_iter()
@@ -701,7 +930,11 @@ impl Executor for HostExecutor {
 }
 
 /// Send the child's (merged) output, line by line, to `out` under the step's id.
-fn forward_output(child: &mut Child, id: &str, out: Arc<dyn LineSink>) -> tokio::task::JoinHandle<()> {
+fn forward_output(
+    child: &mut Child,
+    id: &str,
+    out: Arc<dyn LineSink>,
+) -> tokio::task::JoinHandle<()> {
     let stdout = child.take_stdout();
     let id = id.to_string();
     tokio::spawn(async move {
@@ -715,7 +948,10 @@ fn forward_output(child: &mut Child, id: &str, out: Arc<dyn LineSink>) -> tokio:
 /// the pipe open (cgroup teardown is what ends those).
 async fn finish_reader(reader: tokio::task::JoinHandle<()>) {
     let abort = reader.abort_handle();
-    if tokio::time::timeout(Duration::from_secs(2), reader).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(2), reader)
+        .await
+        .is_err()
+    {
         abort.abort();
     }
 }
@@ -790,19 +1026,37 @@ pub fn lookup_user(spec: &str) -> Result<HostUser, String> {
 }
 
 fn lookup_user_in(spec: &str, passwd: &Path, group: &Path) -> Result<HostUser, String> {
-    let pw = std::fs::read_to_string(passwd).map_err(|e| format!("read {}: {e}", passwd.display()))?;
-    let entry = pw.lines().map(|l| l.split(':').collect::<Vec<_>>()).find(|f| f.len() >= 7 && (f[0] == spec || f[2] == spec));
+    let pw =
+        std::fs::read_to_string(passwd).map_err(|e| format!("read {}: {e}", passwd.display()))?;
+    let entry = pw
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() >= 7 && (f[0] == spec || f[2] == spec));
     let (name, uid, gid, home) = match entry {
-        Some(f) => (f[0].to_string(), f[2].parse().unwrap_or(0), f[3].parse().unwrap_or(0), f[5].to_string()),
+        Some(f) => (
+            f[0].to_string(),
+            f[2].parse().unwrap_or(0),
+            f[3].parse().unwrap_or(0),
+            f[5].to_string(),
+        ),
         None => match spec.parse::<u32>() {
             // A bare uid with no passwd entry still runs, in its own group, as Kubernetes does.
             Ok(uid) => (uid.to_string(), uid, uid, "/".to_string()),
-            Err(_) => return Err(format!("runAsUser: no user `{spec}` on this host (not in {})", passwd.display())),
+            Err(_) => {
+                return Err(format!(
+                    "runAsUser: no user `{spec}` on this host (not in {})",
+                    passwd.display()
+                ));
+            }
         },
     };
     let mut groups = vec![gid];
     if let Ok(gr) = std::fs::read_to_string(group) {
-        for f in gr.lines().map(|l| l.split(':').collect::<Vec<_>>()).filter(|f| f.len() >= 4) {
+        for f in gr
+            .lines()
+            .map(|l| l.split(':').collect::<Vec<_>>())
+            .filter(|f| f.len() >= 4)
+        {
             if f[3].split(',').any(|m| m == name) {
                 if let Ok(g) = f[2].parse() {
                     if !groups.contains(&g) {
@@ -815,11 +1069,18 @@ fn lookup_user_in(spec: &str, passwd: &Path, group: &Path) -> Result<HostUser, S
     // Switching identity needs root.
     let me = nix::unistd::geteuid().as_raw();
     if me != 0 && me != uid {
-        return Err(format!("runAsUser `{spec}` needs stagehand to run as root (it runs as uid {me})"));
+        return Err(format!(
+            "runAsUser `{spec}` needs stagehand to run as root (it runs as uid {me})"
+        ));
     }
-    Ok(HostUser { name, uid, gid, groups, home })
+    Ok(HostUser {
+        name,
+        uid,
+        gid,
+        groups,
+        home,
+    })
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -830,10 +1091,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("o");
         std::fs::write(&f, "").unwrap();
-        let code = format!("A='x y'\nB=$(printf 'multi\\nline')\n{}", capture_code(Shell::Sh, &["A".into(), "B".into(), "C".into()], &f));
+        let code = format!(
+            "A='x y'\nB=$(printf 'multi\\nline')\n{}",
+            capture_code(Shell::Sh, &["A".into(), "B".into(), "C".into()], &f)
+        );
         let script = dir.path().join("s.sh");
         std::fs::write(&script, code).unwrap();
-        let out = process::run_output(["sh", "-e", script.to_str().unwrap()], [("PATH", "/usr/bin:/bin")], dir.path()).unwrap();
+        let out = process::run_output(
+            ["sh", "-e", script.to_str().unwrap()],
+            [("PATH", "/usr/bin:/bin")],
+            dir.path(),
+        )
+        .unwrap();
         assert!(out.status.success(), "{out:?}");
         let vals = read_outputs(&f);
         assert_eq!(vals["A"], "x y");
@@ -846,7 +1115,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pw = dir.path().join("passwd");
         let gr = dir.path().join("group");
-        std::fs::write(&pw, "root:x:0:0:root:/root:/bin/sh\npostgres:x:105:110::/var/lib/postgresql:/bin/bash\n").unwrap();
+        std::fs::write(
+            &pw,
+            "root:x:0:0:root:/root:/bin/sh\npostgres:x:105:110::/var/lib/postgresql:/bin/bash\n",
+        )
+        .unwrap();
         std::fs::write(&gr, "postgres:x:110:\nssl-cert:x:109:postgres,other\n").unwrap();
         if nix::unistd::geteuid().is_root() {
             let u = lookup_user_in("postgres", &pw, &gr).unwrap();
@@ -854,6 +1127,10 @@ mod tests {
             assert_eq!(lookup_user_in("105", &pw, &gr).unwrap().name, "postgres");
             assert_eq!(lookup_user_in("4242", &pw, &gr).unwrap().gid, 4242);
         }
-        assert!(lookup_user_in("nobody-here", &pw, &gr).unwrap_err().contains("no user `nobody-here`"));
+        assert!(
+            lookup_user_in("nobody-here", &pw, &gr)
+                .unwrap_err()
+                .contains("no user `nobody-here`")
+        );
     }
 }

@@ -60,7 +60,11 @@ pub struct ResolvedHealth {
 #[derive(Clone, Debug)]
 pub enum ResolvedProbe {
     Tcp(u16),
-    Http { port: u16, path: String, status: Option<u16> },
+    Http {
+        port: u16,
+        path: String,
+        status: Option<u16>,
+    },
     Exec(String),
     Log(regex::Regex),
 }
@@ -82,7 +86,10 @@ pub enum ServiceState {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Outcome {
     /// The process ran and exited (code 128+N when killed by signal N).
-    Exited { code: i32, outputs: BTreeMap<String, String> },
+    Exited {
+        code: i32,
+        outputs: BTreeMap<String, String>,
+    },
     /// It ran past its timeout and was stopped.
     TimedOut,
     /// It could not be started, or its result could not be read.
@@ -107,7 +114,12 @@ pub struct ServiceEnd {
 
 pub trait Executor: Send + Sync {
     /// Run a Run step to completion, stopping it at `step.timeout` or when `cancel` fires.
-    fn run<'a>(&'a self, step: &'a ResolvedStep, out: Arc<dyn LineSink>, cancel: CancellationToken) -> BoxFuture<'a, Outcome>;
+    fn run<'a>(
+        &'a self,
+        step: &'a ResolvedStep,
+        out: Arc<dyn LineSink>,
+        cancel: CancellationToken,
+    ) -> BoxFuture<'a, Outcome>;
 
     /// Start a Background service and return once it is started; it lives until `teardown`.
     /// The receiver follows its state (readiness, an early exit) until teardown begins.

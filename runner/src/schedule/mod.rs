@@ -262,7 +262,11 @@ impl StageRun {
         {
             let stopped = self.t0.elapsed().as_millis() as u64;
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for r in st.results.iter_mut().filter(|r| r.background && r.finished_ms.is_none() && r.started_ms.is_some()) {
+            for r in st
+                .results
+                .iter_mut()
+                .filter(|r| r.background && r.finished_ms.is_none() && r.started_ms.is_some())
+            {
                 r.finished_ms = Some(stopped);
             }
         }
@@ -274,7 +278,11 @@ impl StageRun {
             }
             // A service that died during the stage fails it, and its row says why (said once:
             // a failure already reported while the stage ran is not repeated).
-            let reported = self.failed_services.lock().unwrap_or_else(|e| e.into_inner()).contains(&e.id);
+            let reported = self
+                .failed_services
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&e.id);
             if !reported {
                 self.console
                     .status(&format!("    service {} FAILED: {}", e.id, e.description));
@@ -449,7 +457,11 @@ impl StageRun {
         if tail.is_empty() {
             return;
         }
-        let what = if tail.len() == 1 { "last line".to_string() } else { format!("last {} lines", tail.len()) };
+        let what = if tail.len() == 1 {
+            "last line".to_string()
+        } else {
+            format!("last {} lines", tail.len())
+        };
         self.console.status(&format!("    {what} of {id}:"));
         for l in tail {
             self.console.status(&format!("    | {l}"));
@@ -839,9 +851,17 @@ impl StageRun {
                     .map(|e| e.id.clone())
                     .collect();
                 self.console.step_start(&s.id, "did not start");
-                let limit = resolved.timeout.map(crate::units::format_duration).unwrap_or_default();
-                let msg = format!("timed out after {limit} waiting for {} (starting)", starting.join(", "));
-                return self.finish_failure(s, waiting, 1, FailKind::Timeout, msg).await;
+                let limit = resolved
+                    .timeout
+                    .map(crate::units::format_duration)
+                    .unwrap_or_default();
+                let msg = format!(
+                    "timed out after {limit} waiting for {} (starting)",
+                    starting.join(", ")
+                );
+                return self
+                    .finish_failure(s, waiting, 1, FailKind::Timeout, msg)
+                    .await;
             }
         }
         // What the wait used comes off the step's timeout (a wait too short to matter does not
@@ -850,7 +870,9 @@ impl StageRun {
         let mut resolved = resolved;
         let waited = waiting.elapsed();
         if waited >= Duration::from_millis(10) {
-            resolved.timeout = resolved.timeout.map(|t| t.saturating_sub(waited).max(Duration::from_millis(1)));
+            resolved.timeout = resolved
+                .timeout
+                .map(|t| t.saturating_sub(waited).max(Duration::from_millis(1)));
         }
         // The step's own time starts now, not while it waited for services.
         let started = Instant::now();
@@ -1102,8 +1124,15 @@ pub fn summary(report: &StageReport) -> String {
             .map(crate::units::format_duration)
             .unwrap_or_else(|| "-".into());
         let mut verdict = r.verdict.label();
-        if let (Some(st), Some(rd), Verdict::Started) = (r.started_ms, r.ready_ms.filter(|rd| Some(*rd) != r.started_ms), &r.verdict) {
-            verdict = format!("{verdict}, ready after {}", crate::units::format_duration(Duration::from_millis(rd.saturating_sub(st))));
+        if let (Some(st), Some(rd), Verdict::Started) = (
+            r.started_ms,
+            r.ready_ms.filter(|rd| Some(*rd) != r.started_ms),
+            &r.verdict,
+        ) {
+            verdict = format!(
+                "{verdict}, ready after {}",
+                crate::units::format_duration(Duration::from_millis(rd.saturating_sub(st)))
+            );
         }
         if r.attempts > 1 {
             verdict = format!("{verdict} after {} attempts", r.attempts);

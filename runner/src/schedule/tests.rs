@@ -522,8 +522,14 @@ async fn a_step_timeout_covers_waiting_for_services() {
     let (r, fake) = run_stage(&yaml, f).await;
     assert_eq!(r.status, StageStatus::Failed);
     assert_eq!(verdicts(&r)[1], "impatient TIMED OUT");
-    assert_eq!(r.results[1].message.as_deref(), Some("timed out after 1s waiting for slow (starting)"));
-    assert!(fake.log.lock().unwrap().iter().all(|e| e.1 != "impatient"), "never started");
+    assert_eq!(
+        r.results[1].message.as_deref(),
+        Some("timed out after 1s waiting for slow (starting)")
+    );
+    assert!(
+        fake.log.lock().unwrap().iter().all(|e| e.1 != "impatient"),
+        "never started"
+    );
     assert!(tokio::time::Instant::now() - t0 < Duration::from_secs(2));
 }
 
