@@ -280,7 +280,7 @@ fn container_step_obeys_its_timeout() {
     let out = run(&ws, "container-timeout.yaml", &[]);
     out.assert_code(1);
     assert_eq!(out.step_output("slow"), ["sleeping"], "{}", out.dump());
-    out.assert_stdout_has("<-- slow TIMED OUT: timed out after 1s");
+    out.assert_stdout_has("<-- slow TIMED OUT: timed out after 4s");
     out.assert_stdout_has("<-- after skipped");
     assert!(
         out.elapsed < Duration::from_secs(15),

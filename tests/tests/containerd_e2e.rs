@@ -186,7 +186,7 @@ fn containerd_task_obeys_its_timeout() {
     let out = run(&ws, &ctd, "container-timeout.yaml");
     out.assert_code(1);
     assert_eq!(out.step_output("slow"), ["sleeping"], "{}", out.dump());
-    out.assert_stdout_has("<-- slow TIMED OUT: timed out after 1s");
+    out.assert_stdout_has("<-- slow TIMED OUT: timed out after 4s");
     assert!(
         out.elapsed < Duration::from_secs(15),
         "held the stage for {:?}\n{}",
