@@ -24,8 +24,9 @@ use nix::fcntl::{Flock, FlockArg};
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 
-use crate::e2e::{Finished, StagehandCmd, assert_no_leaks, fixtures_dir};
-use crate::sandbox::{CGROUP_ROOT, assert_stage_gone, run_dir, run_id};
+use crate::e2e::{Finished, StagehandCmd, fixtures_dir};
+use crate::images::mounts_mentioning;
+use crate::sandbox::run_id;
 
 /// Where the built root filesystem is kept between test runs (one per machine).
 pub const CACHE_DIR: &str = "/var/cache/stagehand-tests";
@@ -282,45 +283,6 @@ impl Drop for PgStore {
     }
 }
 
-/// Lines of /proc/mounts that mention any of `paths` (as a mount point, or in the options,
-/// where an overlay names its lower, upper and work directories).
-pub fn mounts_mentioning(paths: &[&Path]) -> Vec<String> {
-    let needles: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-    std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| needles.iter().any(|n| l.contains(n.as_str())))
-        .map(str::to_string)
-        .collect()
-}
-
-/// Every directory (up to depth 6) under [`CGROUP_ROOT`], in every hierarchy, whose name
-/// contains `needle`: besides `stagehand/<run>` this finds names a runtime makes, like
-/// `stagehand-<run>-<step>.scope`.
-pub fn cgroups_naming(needle: &str) -> Vec<PathBuf> {
-    fn walk(dir: &Path, depth: usize, needle: &str, found: &mut Vec<PathBuf>) {
-        if depth >= 6 {
-            return;
-        }
-        // Other runs create and remove cgroups concurrently: a directory may vanish mid-walk.
-        let Ok(entries) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in entries.flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            if e.file_name().to_string_lossy().contains(needle) {
-                found.push(e.path());
-            }
-            walk(&e.path(), depth + 1, needle, found);
-        }
-    }
-    let mut found = Vec::new();
-    walk(Path::new(CGROUP_ROOT), 0, needle, &mut found);
-    found
-}
-
 /// Processes whose cgroup (in any hierarchy) lies under `stagehand/<run_id>`: what is left of
 /// a container (its init, postgres) even though nothing in its argv, environment or working
 /// directory names the test.
@@ -362,34 +324,7 @@ pub fn assert_container_run_gone(out: &Finished, marker: &str, store: &Path) {
         in_cgroups.is_empty(),
         "processes still in run {id}'s cgroups: {in_cgroups:#?}"
     );
-    assert_stage_gone(&id, marker);
-    let named = cgroups_naming(&id);
-    assert!(named.is_empty(), "run {id} left cgroups: {named:#?}");
-    let dir = run_dir(&id);
-    let mounts = mounts_mentioning(&[&dir, store]);
-    assert!(
-        mounts.is_empty(),
-        "run {id} left mounts under its run dir or the image store: {mounts:#?}"
-    );
-    let journal: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("state.json")).unwrap_or_default())
-            .unwrap_or_default();
-    let journal_mounts = journal["mounts"].as_array().cloned().unwrap_or_default();
-    assert!(
-        journal_mounts.is_empty(),
-        "run {id}'s journal still lists mounts: {journal_mounts:?}"
-    );
-    let runtime_state: Vec<PathBuf> = std::fs::read_dir(dir.join("runtime"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    assert!(
-        runtime_state.is_empty(),
-        "run {id} left containers in the runtime's state: {runtime_state:#?}"
-    );
-    assert_no_leaks(&id);
+    crate::images::assert_container_run_gone(out, marker, &[store]);
 }
 
 #[cfg(test)]
@@ -423,9 +358,5 @@ mod tests {
     #[test]
     fn finds_this_process_cgroup_only_by_its_run() {
         assert!(processes_in_run_cgroups("no-such-run-id").is_empty());
-        assert!(cgroups_naming("stagehand-no-such-run-id").is_empty());
-        assert!(mounts_mentioning(&[Path::new("/no/such/stagehand/dir")]).is_empty());
-        // /proc is always mounted, so a needle that is there is found.
-        assert!(!mounts_mentioning(&[Path::new("/proc")]).is_empty());
     }
 }
