@@ -10,6 +10,7 @@
 # template cluster, made by bench/run before each round), `pg/` (socket and server log, owned by postgres) and `redis/`.
 # Ports: $BENCH_PG_PORT and $BENCH_REDIS_PORT on the host's 127.0.0.1.
 set -euo pipefail
+# shellcheck source=lib/common.sh
 . "$BENCH_LIB/common.sh"
 dir=$1 ready_file=$2
 stop() {

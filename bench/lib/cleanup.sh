@@ -2,8 +2,9 @@
 # bench/lib/cleanup.sh: what the bench leaves behind, and removing it. Sourced by bench/run.
 #
 # Owns: the snapshot of shared state taken before anything runs (whether /run/containers,
-# /run/runc, /run/stagehand, /var/lib/stagehand and podman's `libpod_parent` cgroups existed,
-# the iptables chains, net.ipv4.ip_forward), `leftovers` (everything of this bench run that
+# /run/runc, /run/stagehand, /var/lib/stagehand, /var/lib/containers and podman's
+# `libpod_parent` cgroups existed, the iptables chains, net.ipv4.ip_forward, a copy of
+# containers/image's blob-info cache), `leftovers` (everything of this bench run that
 # still exists, one line each) and `cleanup` (remove all of it; safe to call twice, also after
 # a failure half-way). Everything is found by the bench's own names: the work directory
 # $BENCH_WORK, `stagehand-bench-$BENCH_ID` (netns, runc containers, podman pods), the
@@ -18,22 +19,28 @@ snapshot_before() {
     mkdir -p "$BEFORE"
     local d
     for d in /run/containers /run/runc /run/libpod /run/stagehand /var/lib/stagehand \
-        /var/lib/stagehand/sequence; do
+        /var/lib/stagehand/sequence /var/lib/containers /var/lib/containers/cache; do
         if [ -e "$d" ]; then echo "$d"; fi
     done >"$BEFORE/dirs"
     libpod_cgroups >"$BEFORE/libpod-cgroups"
     iptables_chains >"$BEFORE/chains"
     sysctl -n net.ipv4.ip_forward >"$BEFORE/ip_forward"
+    # containers/image, as root, records blob digests in this file whatever the storage
+    # configuration says (`podman load` writes it): put it back as it was at the end.
+    if [ -f "$BLOB_CACHE" ]; then cp -p "$BLOB_CACHE" "$BEFORE/blob-info-cache"; fi
 }
+
+BLOB_CACHE=/var/lib/containers/cache/blob-info-cache-v1.boltdb
 
 existed_before() { grep -qxF "$1" "$BEFORE/dirs"; }
 
-# Every cgroup directory under podman's cgroupfs parent, in every hierarchy.
+# Every cgroup directory under podman's cgroupfs parent, in every v1 hierarchy
+# (/sys/fs/cgroup/<controller>/libpod_parent) or at the root of a v2 one.
 libpod_cgroups() {
-    local h
-    for h in /sys/fs/cgroup/*/; do
-        if [ -d "$h/libpod_parent" ]; then find "$h/libpod_parent" -type d; fi
-    done | sed 's#//#/#g' | sort
+    local p
+    for p in /sys/fs/cgroup/libpod_parent /sys/fs/cgroup/*/libpod_parent; do
+        if [ -d "$p" ]; then find "$p" -type d; fi
+    done | sort -u
 }
 
 # "TABLE CHAIN" for every iptables chain (netavark adds NETAVARK-* chains when a bridge network
@@ -60,7 +67,9 @@ podman_ready() { [ -d "$BENCH_WORK/podman/root" ] && command -v podman >/dev/nul
 # hierarchies) are not reported: `cleanup` removes them. With it, everything is.
 leftovers() {
     local strict=${1:-} ids=() d id pid cmd
-    if podman_ready; then
+    # (Asking podman recreates /run/containers, so after cleanup its conmon processes, which
+    # name the storage in $BENCH_WORK, and its cgroups are checked instead.)
+    if [ -z "$strict" ] && podman_ready; then
         podman ps -a --format 'podman container {{.Names}}' 2>/dev/null || true
         podman pod ps --format 'podman pod {{.Name}}' 2>/dev/null || true
     fi
@@ -77,7 +86,8 @@ leftovers() {
     done
     # Processes: anything naming the work directory or our names (the containers' processes
     # have no such name, but live in cgroups, checked below).
-    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+    for pid in /proc/[0-9]*; do
+        pid=${pid#/proc/}
         [ "$pid" = $$ ] || [ "$pid" = "$BASHPID" ] && continue
         cmd=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || continue
         case "$cmd" in
@@ -96,9 +106,9 @@ leftovers() {
     if [ -n "$strict" ]; then
         comm -13 "$BEFORE/libpod-cgroups" <(libpod_cgroups) | sed 's/^/podman cgroup /'
     else
-        # Outside the two hierarchies podman forgets, a pod's cgroups must be gone (their
-        # parent, libpod_parent, stays until cleanup).
-        comm -13 "$BEFORE/libpod-cgroups" <(libpod_cgroups) | grep -vE '^/sys/fs/cgroup/((systemd|unified)/|[^/]+/libpod_parent$)' |
+        # Outside the two hierarchies podman forgets, a pod's or container's cgroups must be
+        # gone (podman's parents, libpod_parent and libpod_parent/conmon, stay until cleanup).
+        comm -13 "$BEFORE/libpod-cgroups" <(libpod_cgroups) | grep -vE '^/sys/fs/cgroup/((systemd|unified)/|([^/]+/)?libpod_parent(/conmon)?$)' |
             sed 's/^/podman cgroup /' || true
     fi
     # Mounts under the work directory or a run directory of ours.
@@ -113,9 +123,12 @@ leftovers() {
         echo "sysctl net.ipv4.ip_forward changed"
     fi
     if [ -n "$strict" ]; then
-        for d in /run/containers /run/libpod; do
+        for d in /run/containers /run/libpod /var/lib/containers; do
             if [ -e "$d" ] && ! existed_before "$d"; then echo "directory $d (podman)"; fi
         done
+        if [ -f "$BEFORE/blob-info-cache" ] && ! cmp -s "$BEFORE/blob-info-cache" "$BLOB_CACHE"; then
+            echo "file $BLOB_CACHE changed"
+        fi
     fi
     return 0
 }
@@ -152,9 +165,25 @@ cleanup() {
     # podman's side effects outside its storage: netavark's state dir and runc's default
     # state root (created even with `--network none` and a private runroot), the pod cgroups
     # cgroupfs leaves in the `name=systemd` and unified hierarchies.
+    # /run/containers only while it holds no file: with a bridge network, netavark keeps its
+    # IPAM database there, and that would be someone else's.
     for d in /run/containers /run/libpod; do
-        if [ -e "$d" ] && ! existed_before "$d"; then rm -rf "$d"; fi
+        if [ -e "$d" ] && ! existed_before "$d" && [ -z "$(find "$d" -type f -print -quit)" ]; then
+            rm -rf "$d"
+        fi
     done
+    if [ -f "$BEFORE/blob-info-cache" ]; then
+        if ! cmp -s "$BEFORE/blob-info-cache" "$BLOB_CACHE"; then
+            # A copy renamed over it: a reader holding the file open keeps a consistent one.
+            cp -p "$BEFORE/blob-info-cache" "$BLOB_CACHE.stagehand-bench" &&
+                mv -f "$BLOB_CACHE.stagehand-bench" "$BLOB_CACHE"
+        fi
+    else
+        rm -f "$BLOB_CACHE"
+        for d in /var/lib/containers/cache /var/lib/containers; do
+            if ! existed_before "$d"; then rmdir "$d" 2>/dev/null || true; fi
+        done
+    fi
     if [ -d /run/runc ] && ! existed_before /run/runc; then rmdir /run/runc 2>/dev/null || true; fi
     comm -13 "$BEFORE/libpod-cgroups" <(libpod_cgroups) | awk '{print length, $0}' | sort -rn |
         cut -d' ' -f2- | while read -r d; do rmdir "$d" 2>/dev/null || true; done

@@ -15,6 +15,7 @@
 #
 # Exits non-zero when any podman command or the Run step fails; the pod is removed either way.
 set -euo pipefail
+# shellcheck source=lib/common.sh
 . "$BENCH_LIB/common.sh"
 
 n=$1 check_file=$2 mode=$3 times_file=${4:-}

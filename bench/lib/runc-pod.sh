@@ -19,6 +19,7 @@
 # wait for every `runc run` to return and delete the namespace. TIMES_FILE gets
 # "END_NS GONE_NS": when check returned, and when all of that was done.
 set -euo pipefail
+# shellcheck source=lib/common.sh
 . "$BENCH_LIB/common.sh"
 
 root="$BENCH_WORK/floor/runc-state"
@@ -60,7 +61,7 @@ bundle() {
 }
 
 run() {
-    local name=$1 times_file=${2:-} dir mode ids=() pids=() kp=() rc=0 i id sig end deadline alive
+    local name=$1 times_file=${2:-} dir mode ids=() pids=() kp=() pending=() rc=0 i k id sig end deadline alive
     dir="$BENCH_WORK/floor/$name"
     mode=$(cat "$dir/mode")
     ip netns add "$ns"
@@ -80,26 +81,41 @@ run() {
         sig=TERM
         deadline=$((end + 10000000000))
     fi
-    # Signal every container whose `runc run` is still there; again every 200 ms for those
-    # that were not created yet when the first signal went out, SIGKILL after the deadline.
+    # Signal every container; a `runc kill` fails for a container whose `runc run` has not
+    # created it yet, so those are signalled again 10 ms later, until every `runc run` has
+    # returned. SIGKILL for everyone still there after the deadline.
+    pending=("${!pids[@]}")
     while :; do
-        alive=()
-        for i in "${!pids[@]}"; do
-            if kill -0 "${pids[$i]}" 2>/dev/null; then alive+=("$i"); fi
-        done
-        [ ${#alive[@]} -eq 0 ] && break
-        if [ "$deadline" -gt 0 ] && [ "$(now_ns)" -gt "$deadline" ]; then sig=KILL; fi
         kp=()
-        for i in "${alive[@]}"; do
-            runc --root "$root" kill "${ids[$i]}" "$sig" 2>/dev/null &
-            kp+=($!)
+        for i in "${pending[@]}"; do
+            if kill -0 "${pids[$i]}" 2>/dev/null; then
+                runc --root "$root" kill "${ids[$i]}" "$sig" 2>/dev/null &
+                kp+=("$i:$!")
+            fi
         done
-        wait "${kp[@]}" 2>/dev/null || true
-        for _ in $(seq 40); do
-            sleep 0.005
-            for i in "${alive[@]}"; do kill -0 "${pids[$i]}" 2>/dev/null && continue 2; done
+        pending=()
+        for k in "${kp[@]}"; do
+            wait "${k#*:}" 2>/dev/null || pending+=("${k%%:*}")
+        done
+        if [ "$deadline" -gt 0 ] && [ "$sig" = TERM ] && [ "$(now_ns)" -gt "$deadline" ]; then
+            sig=KILL
+            pending=("${!pids[@]}")
+        fi
+        alive=0
+        for i in "${!pids[@]}"; do
+            if kill -0 "${pids[$i]}" 2>/dev/null; then alive=1; fi
+        done
+        [ "$alive" = 0 ] && break
+        # Nothing to signal again: wait for the `runc run`s to return (each deletes its
+        # container once its init has died).
+        if [ ${#pending[@]} -eq 0 ]; then
+            if [ "$deadline" -gt 0 ] && [ "$sig" = TERM ]; then
+                sleep 0.005
+                continue
+            fi
             break
-        done
+        fi
+        sleep 0.01
     done
     wait "${pids[@]}" 2>/dev/null || true
     ip netns del "$ns"

@@ -25,10 +25,10 @@ marker_cmdline=${marker// /$'\x01'}
 tick_us=$((1000000 / $(getconf CLK_TCK)))
 podman_root="$BENCH_WORK/podman"
 
-declare -A last_us=()
+declare -A last_us=() win_first=() win_last=()
 samples=0 win_samples=0 peak_rss=0 peak_pss=0 procs_max=0
 self_hwm=0 self_peak_pss=0 self_us=0
-win_start_all=-1 win_start_self=-1 win_end_all=0 win_end_self=0 win_t0=0 win_t1=0
+win_start_self=-1 win_end_self=0 win_t0=0 win_t1=0
 
 cmdline_of() { tr '\0' '\001' 2>/dev/null <"/proc/$1/cmdline" || true; }
 
@@ -99,7 +99,7 @@ while :; do
         k == "Pss" { print p[3], "pss", v }
         k == "se.sum_exec_runtime" { s[p[3]] += v }
         END { for (q in s) printf "%s sched %d\n", q, s[q] * 1000 }')
-    rss=0 pss=0 sum_us=0
+    rss=0 pss=0
     for pid in "${sel[@]}"; do
         [ -n "${m_rss[$pid]:-}" ] || continue
         c=$((ticks[$pid] * tick_us))
@@ -107,7 +107,13 @@ while :; do
         rss=$((rss + m_rss[$pid]))
         pss=$((pss + ${m_pss[$pid]:-0}))
         last_us[$pid]=$c
-        sum_us=$((sum_us + c))
+        if [ "$have_marker" = 1 ]; then
+            # CPU in the window, per process: from its value in the window's first sample
+            # (0 for a process that started later) to its value in the window's last one in
+            # which it still existed.
+            if [ "$win_samples" = 0 ]; then win_first[$pid]=$c; fi
+            win_last[$pid]=$c
+        fi
     done
     if [ "$mode" = stagehand ] && [ -n "${m_rss[$target]:-}" ]; then
         [ "${m_hwm[$target]:-0}" -gt "$self_hwm" ] && self_hwm=${m_hwm[$target]}
@@ -119,13 +125,11 @@ while :; do
     [ "$pss" -gt "$peak_pss" ] && peak_pss=$pss
     [ "${#sel[@]}" -gt "$procs_max" ] && procs_max=${#sel[@]}
     if [ "$have_marker" = 1 ]; then
-        if [ "$win_start_all" -lt 0 ]; then
-            win_start_all=$sum_us
+        if [ "$win_start_self" -lt 0 ]; then
             win_start_self=$self_us
             win_t0=$(date +%s%N)
         fi
         win_t1=$(date +%s%N)
-        win_end_all=$sum_us
         win_end_self=$self_us
         win_samples=$((win_samples + 1))
     fi
@@ -136,13 +140,15 @@ done
 
 total=0
 for pid in "${!last_us[@]}"; do total=$((total + last_us[$pid])); done
+window=0
+for pid in "${!win_last[@]}"; do window=$((window + win_last[$pid] - ${win_first[$pid]:-0})); done
 if [ "$win_samples" -lt 2 ]; then
     echo "sample.sh: the window marker '$marker' was seen in $win_samples samples" >&2
     exit 1
 fi
 jq -n --argjson samples "$samples" --argjson win "$win_samples" --argjson rss "$peak_rss" \
     --argjson pss "$peak_pss" --argjson total $((total / 1000)) \
-    --argjson window $(((win_end_all - win_start_all) / 1000)) --argjson procs "$procs_max" \
+    --argjson window $((window / 1000)) --argjson procs "$procs_max" \
     --argjson window_ms $(((win_t1 - win_t0) / 1000000)) \
     --argjson hwm "$self_hwm" --argjson spss "$self_peak_pss" \
     --argjson stotal $((self_us / 1000)) \
