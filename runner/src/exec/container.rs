@@ -76,8 +76,11 @@ impl Containers {
     ) -> Result<Containers, String> {
         let store = Store::open(store_root)
             .map_err(|e| format!("image store {}: {e}", store_root.display()))?;
-        let runtime =
-            RuncCli::locate(runtime, run_dir.join("runtime")).map_err(|e| e.to_string())?;
+        let chosen = runtime
+            .map(std::ffi::OsStr::to_os_string)
+            .or_else(auto_runtime);
+        let runtime = RuncCli::locate(chosen.as_deref(), run_dir.join("runtime"))
+            .map_err(|e| e.to_string())?;
         let host = Host::probe().map_err(|e| e.to_string())?;
         let init = INIT_CANDIDATES
             .iter()
@@ -144,8 +147,27 @@ impl Containers {
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let layers = {
             let guard = self.store.write_guard().map_err(|e| e.to_string())?;
-            unpack::ensure_image_layers(&self.store, &guard, &image_id)
-                .map_err(|e| format!("unpack `{image}`: {e}"))?
+            // Unpacking a large image the first time takes seconds: say so, and how long.
+            let todo = self.layers_to_unpack(&image_id);
+            let started = std::time::Instant::now();
+            if todo.0 > 0 {
+                eprintln!(
+                    "stagehand: {}: unpacking {} layer(s) of `{image}` ({})",
+                    step.id,
+                    todo.0,
+                    crate::units::format_memory(todo.1)
+                );
+            }
+            let layers = unpack::ensure_image_layers(&self.store, &guard, &image_id)
+                .map_err(|e| format!("unpack `{image}`: {e}"))?;
+            if todo.0 > 0 {
+                eprintln!(
+                    "stagehand: {}: unpacked `{image}` in {}",
+                    step.id,
+                    crate::units::format_duration(started.elapsed())
+                );
+            }
+            layers
         };
         let rootfs_path = stagehand_oci::rootfs::rootfs_path(&dir);
         if let Some(st) = stage {
@@ -498,6 +520,38 @@ fn shell_quote(a: &str) -> String {
     }
 }
 
+impl Containers {
+    /// How many of the image's layers are not in the layer cache yet, and their size.
+    fn layers_to_unpack(&self, id: &stagehand_oci::store::ImageId) -> (usize, u64) {
+        let Ok(layers) = self.store.layers(id) else {
+            return (0, 0);
+        };
+        let cache = self.store.layers_dir();
+        layers
+            .iter()
+            .filter(|l| !cache.join(l.diff_id.digest()).join("done").is_file())
+            .fold((0, 0), |(n, b), l| (n + 1, b + l.size))
+    }
+}
+
+/// With no `--runtime`: crun where it can run, else runc. crun refuses hybrid cgroup hosts
+/// (a cgroup2 `unified` mount with controllers beside the v1 ones; runtime-lab §3), where
+/// runc works; `None` lets `locate` pick runc.
+fn auto_runtime() -> Option<std::ffi::OsString> {
+    let unified = std::fs::read_to_string("/sys/fs/cgroup/unified/cgroup.controllers");
+    let hybrid = unified.is_ok_and(|c| !c.trim().is_empty());
+    crun_usable(hybrid, |name| {
+        std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+            .unwrap_or(false)
+    })
+    .then(|| "crun".into())
+}
+
+fn crun_usable(hybrid: bool, on_path: impl Fn(&str) -> bool) -> bool {
+    !hybrid && on_path("crun")
+}
+
 fn missing_image(image: &str, policy: Option<PullPolicy>, root: &Path) -> String {
     let how = format!(
         "load it with `stagehand image load FILE` (a docker save / podman save / skopeo archive), `stagehand image import ROOTFS --tag {image}`, or `stagehand image pull REFERENCE` from a registry"
@@ -627,6 +681,13 @@ mod tests {
             matches!(r.probe, super::super::ResolvedProbe::Exec(ref c) if c == "curl -f 'http://localhost/a b'")
         );
         assert!(docker_healthcheck(&serde_json::json!({"Test": ["NONE"]})).is_none());
+    }
+
+    #[test]
+    fn crun_is_preferred_except_on_hybrid_hosts() {
+        assert!(crun_usable(false, |_| true));
+        assert!(!crun_usable(true, |_| true), "crun fails on hybrid cgroups");
+        assert!(!crun_usable(false, |_| false), "not installed");
     }
 
     #[test]
