@@ -341,8 +341,7 @@ impl Containers {
         cs.cgroups_path = stage
             .and_then(|s| s.cgroup_rel(&step.id))
             .map(|p| p.display().to_string());
-        let _ = limits;
-        let l = exec.limits_of(step);
+        let l = limits;
         cs.resources = Resources {
             memory: l.memory_bytes.map(|b| b as i64),
             memory_swap: l.memory_bytes.map(|b| b as i64),

@@ -107,10 +107,6 @@ impl HostExecutor {
         &self.dir
     }
 
-    pub(crate) fn limits_of(&self, step: &ResolvedStep) -> Limits {
-        self.limits_for(step)
-    }
-
     fn stage(&self) -> Option<Arc<Stage>> {
         self.stage.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
@@ -201,13 +197,29 @@ impl HostExecutor {
 
     /// Write the step's script and build its process spec.
     fn prepare(&self, step: &ResolvedStep) -> Result<(SpawnSpec, Option<PathBuf>), String> {
-        let user = match &step.run_as_user {
-            Some(u) if !u.trim().is_empty() => Some(lookup_user(u.trim())?),
-            _ => None,
-        };
+        let user = step_user(step)?;
         let (argv, outputs_file) =
             self.script_argv(step, None, user.as_ref().map(|u| (u.uid, u.gid)))?;
         let argv = argv.unwrap_or_else(|| step.entrypoint.clone());
+        let mut spec = SpawnSpec::new(
+            argv.into_iter().map(OsString::from),
+            self.host_env(step, user.as_ref()),
+            &step.workspace,
+        );
+        spec.process_group = true;
+        spec.parent_death_signal = Some(libc::SIGKILL);
+        spec.output = OutputTarget::Merged;
+        spec.user = user.map(|u| UserSpec {
+            uid: u.uid,
+            gid: u.gid,
+            groups: u.groups,
+        });
+        Ok((spec, outputs_file))
+    }
+
+    /// A host step's environment: stagehand's own (minus its secrets), the step's variables,
+    /// the workspace, and the identity of `runAsUser`.
+    fn host_env(&self, step: &ResolvedStep, user: Option<&HostUser>) -> Vec<(OsString, OsString)> {
         let mut env: Vec<(String, String)> = self.base_env.clone();
         let ws = step.workspace.display().to_string();
         let mut set = |k: &str, v: &str| {
@@ -220,26 +232,14 @@ impl HostExecutor {
         set("HARNESS_WORKSPACE", &ws);
         set("STAGEHAND_WORKSPACE", &ws);
         set("STAGEHAND_STEP_ID", &step.id);
-        if let Some(u) = &user {
+        if let Some(u) = user {
             set("USER", &u.name);
             set("LOGNAME", &u.name);
             set("HOME", &u.home);
         }
-        let mut spec = SpawnSpec::new(
-            argv.into_iter().map(OsString::from),
-            env.into_iter()
-                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
-            &step.workspace,
-        );
-        spec.process_group = true;
-        spec.parent_death_signal = Some(libc::SIGKILL);
-        spec.output = OutputTarget::Merged;
-        spec.user = user.map(|u| UserSpec {
-            uid: u.uid,
-            gid: u.gid,
-            groups: u.groups,
-        });
-        Ok((spec, outputs_file))
+        env.into_iter()
+            .map(|(k, v)| (OsString::from(k), OsString::from(v)))
+            .collect()
     }
 
     fn spawn(
@@ -299,14 +299,14 @@ impl HostExecutor {
             ));
         };
         let stage = self.stage();
+        let limits = self.limits_for(step);
         let sandbox = match &stage {
             Some(st) => Some(
-                st.step(&step.id, &self.limits_for(step))
+                st.step(&step.id, &limits)
                     .map_err(|e| format!("prepare {}: {e}", step.id))?,
             ),
             None => None,
         };
-        let limits = self.limits_for(step);
         let prepared = containers
             .prepare(self, step, stage.as_deref(), &limits, abort)
             .and_then(|p| {
@@ -405,14 +405,20 @@ impl HostExecutor {
                 hosts: None,
             });
         }
-        let (spec, _) = self.prepare(step)?;
+        // The service's environment and identity, without writing its script again.
+        let user = step_user(step)?;
+        let env = self.host_env(step, user.as_ref());
         let stage = self.stage();
         Ok(ExecProbe {
             runtime_exec: None,
-            env: spec.env,
-            cwd: spec.cwd,
+            env,
+            cwd: step.workspace.clone(),
             command: cmd.to_string(),
-            user: spec.user,
+            user: user.map(|u| UserSpec {
+                uid: u.uid,
+                gid: u.gid,
+                groups: u.groups,
+            }),
             netns: stage
                 .as_ref()
                 .and_then(|s| s.netns_path().map(Path::to_path_buf)),
@@ -888,7 +894,6 @@ impl Executor for HostExecutor {
                     ),
                     None => (true, format!("stopped: {status}")),
                 };
-                let _ = &s.sandbox;
                 if let (Some(c), Some(containers)) = (&s.container, &self.containers) {
                     for e in containers.cleanup(c, self.stage().as_deref()) {
                         tracing::warn!(service = %s.id, error = %e, "container cleanup");
@@ -1018,6 +1023,14 @@ pub struct HostUser {
     pub gid: u32,
     pub groups: Vec<u32>,
     pub home: String,
+}
+
+/// The host identity a step's `runAsUser` names, if any.
+fn step_user(step: &ResolvedStep) -> Result<Option<HostUser>, String> {
+    match &step.run_as_user {
+        Some(u) if !u.trim().is_empty() => lookup_user(u.trim()).map(Some),
+        _ => Ok(None),
+    }
 }
 
 /// `runAsUser`: a uid or a user name, looked up in /etc/passwd and /etc/group.
