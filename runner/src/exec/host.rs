@@ -762,6 +762,9 @@ impl Executor for HostExecutor {
             if let Some(stage) = self.stage() {
                 stage.record_service(&step.id, child.pid());
             }
+            // The exit report comes after the service's last lines have been read, so they are
+            // in its log (and on the terminal) before the failure report quotes them.
+            let (reader, drained) = watch_drain(reader);
             let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
             // Follow the service's exit while the stage runs.
             {
@@ -769,8 +772,11 @@ impl Executor for HostExecutor {
                 let stopping = stopping.clone();
                 let tx = tx.clone();
                 let oom_cg = sandbox.as_ref().and_then(|s| s.cgroup.clone());
+                let mut drained = drained;
                 tokio::spawn(async move {
                     let status = child.wait().await;
+                    // Bounded: a daemonized grandchild may hold the pipe open.
+                    let _ = tokio::time::timeout(EXIT_DRAIN, drained.wait_for(|d| *d)).await;
                     if stopping.load(std::sync::atomic::Ordering::SeqCst) {
                         return;
                     }
@@ -947,6 +953,33 @@ fn forward_output(
             let _ = process::read_lines(fd, |line| out.line(&id, line)).await;
         }
     })
+}
+
+/// How long a service's exit report waits for the rest of its output.
+const EXIT_DRAIN: Duration = Duration::from_millis(300);
+
+/// Wrap an output reader so its end can also be awaited elsewhere: the returned handle ends
+/// when the reader does (aborting it aborts the reader), and the receiver turns `true` then.
+fn watch_drain(
+    reader: tokio::task::JoinHandle<()>,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::watch::Receiver<bool>,
+) {
+    struct AbortOnDrop(tokio::task::AbortHandle);
+    impl Drop for AbortOnDrop {
+        fn drop(&mut self) {
+            self.0.abort();
+        }
+    }
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let guard = AbortOnDrop(reader.abort_handle());
+    let wrapper = tokio::spawn(async move {
+        let _guard = guard;
+        let _ = reader.await;
+        let _ = tx.send(true);
+    });
+    (wrapper, rx)
 }
 
 /// Wait for the output reader to drain, but not forever: a `setsid` grandchild may still hold
