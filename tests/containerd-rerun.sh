@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the container end-to-end suite a second time through containerd (`--backend containerd`,
 # set with STAGEHAND_BACKEND), against a private containerd started here with its own config,
-# root, state and socket under a temp dir, and stopped by its PID when done.
+# root, state and sockets under a temp dir, and stopped by its PID when done. Then checks that
+# the suite left nothing in containerd but the imported images: no container, task, active
+# snapshot or lease in stagehand's namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=$(mktemp -d /tmp/stagehand-containerd-ci.XXXXXX)
@@ -12,6 +14,10 @@ state = "$dir/state"
 disabled_plugins = ["io.containerd.grpc.v1.cri"]
 [grpc]
   address = "$dir/containerd.sock"
+[ttrpc]
+  address = "$dir/containerd.sock.ttrpc"
+[debug]
+  address = "$dir/containerd.sock.debug"
 [plugins."io.containerd.internal.v1.opt"]
   path = "$dir/opt"
 CFG
@@ -28,3 +34,17 @@ for _ in $(seq 100); do [ -S "$dir/containerd.sock" ] && break; sleep 0.05; done
 cargo build -p stagehand --features containerd
 STAGEHAND_BACKEND=containerd STAGEHAND_CONTAINERD_ADDRESS="$dir/containerd.sock" \
     cargo test -p stagehand-e2e --test container_e2e -- --test-threads=4
+
+ctr=(ctr -a "$dir/containerd.sock" -n stagehand)
+left=$(
+    "${ctr[@]}" containers ls -q | sed 's/^/container /'
+    "${ctr[@]}" tasks ls -q | sed 's/^/task /'
+    "${ctr[@]}" leases ls -q | sed 's/^/lease /'
+    "${ctr[@]}" snapshots ls | awk 'NR > 1 && $NF == "Active" { print "active snapshot " $1 }'
+)
+if [ -n "$left" ]; then
+    echo "the containerd rerun left in containerd:" >&2
+    echo "$left" >&2
+    exit 1
+fi
+echo "containerd rerun: nothing left in containerd ($("${ctr[@]}" images ls -q | wc -l) image(s) imported)"

@@ -138,6 +138,15 @@ cleanup() {
     # Our own background processes (sampler, a contender interrupted half-way), by PID.
     for pid in $(jobs -p); do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    # The private containerd of the pod cycle (lib/containerd.sh), if a failure left it up:
+    # its containers first, then the daemon, by PID.
+    if [ -S "${BENCH_CTD_SOCK:-}" ]; then
+        for id in $(ctr -a "$BENCH_CTD_SOCK" -n "$BENCH_CTD_NS" containers ls -q 2>/dev/null); do
+            ctr -a "$BENCH_CTD_SOCK" -n "$BENCH_CTD_NS" task rm -f "$id" >/dev/null 2>&1 || true
+            ctr -a "$BENCH_CTD_SOCK" -n "$BENCH_CTD_NS" containers rm "$id" >/dev/null 2>&1 || true
+        done
+    fi
+    if declare -F ctd_stop >/dev/null; then ctd_stop; fi
     if podman_ready; then
         podman pod rm -af -t 0 >/dev/null 2>&1 || true
         podman rm -af -t 0 >/dev/null 2>&1 || true

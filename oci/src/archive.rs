@@ -85,6 +85,16 @@ pub enum ArchiveError {
         /// What the index offers.
         available: String,
     },
+    /// An imported layer was refused or could not be unpacked (a hostile entry, a read
+    /// error, a full disk).
+    #[error("{path}: {source}")]
+    Unpack {
+        /// The imported tar (or root filesystem).
+        path: PathBuf,
+        /// The cause, naming the entry.
+        #[source]
+        source: Box<crate::unpack::UnpackError>,
+    },
     /// A blob in the archive does not match its digest, or the store failed.
     #[error("{path}: {source}")]
     Store {
@@ -529,7 +539,9 @@ fn read_up_to(reader: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 /// Makes a one-layer image from a root filesystem, given as a directory (tarred
 /// deterministically, see [`write_layer_tar`]) or as a tar file (plain, gzip or zstd; stored
 /// uncompressed), and names it `opts.reference`. The config carries no creation time, so
-/// the same tree always gives the same image id.
+/// the same tree always gives the same image id. The layer is unpacked into the layer cache
+/// before the image is named: a tar with a hostile entry (`..`, a link out of the tree, an
+/// oversized sparse file) is refused here, naming the entry, and never gets a name.
 pub fn import(store: &Store, source: &Path, opts: &ImportOptions) -> Result<ImageId, ArchiveError> {
     let store_err = |source_err| ArchiveError::Store {
         path: source.to_path_buf(),
@@ -611,6 +623,13 @@ pub fn import(store: &Store, source: &Path, opts: &ImportOptions) -> Result<Imag
             .write_blob_bytes(&guard, &manifest_bytes)
             .map_err(store_err)?,
     );
+    // Like `stagehand image load`: a hostile tar is refused now rather than when a stage first
+    // uses the image, and that first start then finds the layer unpacked. The blobs of a
+    // refused import are unnamed: the next prune takes them.
+    crate::unpack::ensure_image_layers(store, &guard, &id).map_err(|e| ArchiveError::Unpack {
+        path: source.to_path_buf(),
+        source: Box::new(e),
+    })?;
     store.tag(&reference, &id).map_err(store_err)?;
     Ok(id)
 }
@@ -1000,6 +1019,36 @@ pub(crate) mod tests {
         gz.finish().unwrap();
         let from_tar = import(&store, &tar_path, &import_opts("lab/tool:2")).unwrap();
         assert_eq!(from_tar, id);
+    }
+
+    #[test]
+    fn import_refuses_a_hostile_tar_naming_the_entry_and_names_nothing() {
+        use crate::unpack::tests::{end, raw_entry};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("store")).unwrap();
+        let mut t = Vec::new();
+        raw_entry(&mut t, "etc/", b'5', "", b"");
+        raw_entry(&mut t, "etc/escape", b'2', "/etc", b"");
+        raw_entry(&mut t, "etc/escape/passwd", b'0', "", b"pwned");
+        end(&mut t);
+        let path = dir.path().join("evil.tar");
+        fs::write(&path, &t).unwrap();
+        let err = import(&store, &path, &import_opts("lab/evil:1")).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ArchiveError::Unpack { .. }), "{msg}");
+        assert!(
+            msg.contains("etc/escape/passwd") && msg.contains("evil.tar"),
+            "{msg}"
+        );
+        assert_eq!(store.resolve("lab/evil:1").unwrap(), None);
+        assert!(store.list().unwrap().is_empty());
+        // Nothing of the refused layer stays unpacked.
+        let unpacked: Vec<_> = fs::read_dir(store.layers_dir())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().join("root").exists())
+            .collect();
+        assert!(unpacked.is_empty(), "{unpacked:?}");
     }
 
     #[test]

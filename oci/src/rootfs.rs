@@ -299,9 +299,12 @@ fn try_overlay(
     target: &Path,
     layers: &[CachedLayer],
 ) -> Result<Result<(), String>, RootfsError> {
+    let format = layers
+        .first()
+        .map_or(WhiteoutFormat::Overlay, |l| l.whiteouts);
     if let Some(l) = layers
         .iter()
-        .find(|l| l.whiteouts != WhiteoutFormat::Overlay)
+        .find(|l| l.whiteouts.opaque_xattr().is_none() || l.whiteouts != format)
     {
         return Ok(Err(format!(
             "layer {} was unpacked without root and keeps its whiteouts as files",
@@ -319,7 +322,11 @@ fn try_overlay(
         fs::create_dir_all(&empty).map_err(io_err("create", &empty))?;
         lowers.push(empty);
     }
-    let options = overlay_options(&lowers, &upper, &work);
+    let mut options = overlay_options(&lowers, &upper, &work);
+    if format == WhiteoutFormat::UserOverlay {
+        // Opaque directories are marked with user.overlay.opaque (see unpack).
+        options.push_str(",userxattr");
+    }
     let fallback = |reason: String| -> Result<Result<(), String>, RootfsError> {
         for dir in [&upper, &work] {
             let _ = fs::remove_dir_all(dir);
@@ -386,8 +393,9 @@ impl Copier<'_> {
     /// through a link the image planted).
     fn copy_dir(&mut self, src: &Path, dest: &Path) -> Result<(), RootfsError> {
         let opaque = match self.whiteouts {
-            WhiteoutFormat::Overlay => {
-                xattr::get(src, OPAQUE_XATTR).ok().flatten().as_deref() == Some(b"y")
+            WhiteoutFormat::Overlay | WhiteoutFormat::UserOverlay => {
+                let name = self.whiteouts.opaque_xattr().unwrap_or(OPAQUE_XATTR);
+                xattr::get(src, name).ok().flatten().as_deref() == Some(b"y")
             }
             WhiteoutFormat::Oci => fs::symlink_metadata(src.join(OPAQUE_MARKER)).is_ok(),
         };
@@ -409,7 +417,9 @@ impl Copier<'_> {
             let meta = fs::symlink_metadata(&s).map_err(self.err(&s))?;
             let ft = meta.file_type();
             match self.whiteouts {
-                WhiteoutFormat::Overlay if ft.is_char_device() && meta.rdev() == 0 => {
+                WhiteoutFormat::Overlay | WhiteoutFormat::UserOverlay
+                    if ft.is_char_device() && meta.rdev() == 0 =>
+                {
                     unpack::remove_any(&d).map_err(self.err(&d))?;
                     continue;
                 }

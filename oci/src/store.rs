@@ -257,7 +257,7 @@ impl Store {
     /// `$XDG_DATA_HOME/stagehand` (or `~/.local/share/stagehand`). `None` if neither
     /// `XDG_DATA_HOME` nor `HOME` is set for a non-root user.
     pub fn default_root() -> Option<PathBuf> {
-        if nix::unistd::geteuid().is_root() {
+        if nix::unistd::geteuid().is_root() && !crate::fsutil::in_user_namespace() {
             return Some(PathBuf::from("/var/lib/stagehand"));
         }
         if let Some(xdg) = std::env::var_os("XDG_DATA_HOME").filter(|v| !v.is_empty()) {

@@ -30,12 +30,24 @@
 //! - Directory modes and times are applied at the end (so read-only directories can still
 //!   be filled), and only if the path is still a chain of real directories.
 //!
+//! - Sizes: a regular file's runs of zeros (the holes of a GNU sparse entry, or zeros stored
+//!   in full) are skipped with a seek instead of written, so a 10 GiB sparse entry takes the
+//!   disk space of its data, not 10 GiB. The holes of sparse entries still cost reading time
+//!   (the tar reader hands them out as zeros), so their apparent sizes in one layer are
+//!   bounded by [`MAX_SPARSE_BYTES`].
+//! - Paths: a member whose host path would reach `PATH_MAX` (4096 bytes, with the target
+//!   directory in front), or with a component over `NAME_MAX` (255 bytes), is refused by name
+//!   before anything is created; the kernel could not resolve it anyway. Resolved parent
+//!   directories are cached for the rest of the layer (dropped whenever an entry removes
+//!   something), so very deep trees and archives of many small files cost one lookup per
+//!   entry rather than one `lstat` per path component.
+//!
 //! The checks are path-based, which is sound because nothing else writes into a target while
 //! its layer lock is held.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, OpenOptions, Permissions};
+use std::fs::{self, File, OpenOptions, Permissions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -54,10 +66,22 @@ use crate::store::{self, CorruptBlob, ImageId, Layer, Store, StoreError, WriteGu
 
 /// The overlayfs xattr that makes a directory opaque (hides everything below it).
 pub const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+/// The same in a user namespace, where `trusted.*` cannot be set: overlayfs reads it when
+/// mounted with `userxattr` (Linux 5.11+).
+pub const USER_OPAQUE_XATTR: &str = "user.overlay.opaque";
 /// Prefix of an OCI whiteout file.
 pub const WHITEOUT_PREFIX: &str = ".wh.";
 /// The OCI opaque-directory marker file.
 pub const OPAQUE_MARKER: &str = ".wh..wh..opq";
+/// Largest total apparent size of the GNU sparse entries of one layer (64 GiB). Their holes
+/// are read as zeros (a few GB/s), so this bounds the time a small archive can cost.
+pub const MAX_SPARSE_BYTES: u64 = 64 << 30;
+/// The kernel's limit on a path (`PATH_MAX`, terminating NUL included).
+const PATH_MAX: usize = libc::PATH_MAX as usize;
+/// The kernel's limit on one path component (`NAME_MAX`).
+const NAME_MAX: usize = 255;
+/// Granularity of hole detection while writing a file: a filesystem block.
+const HOLE_BLOCK: usize = 4096;
 
 /// Errors of unpacking.
 #[derive(Debug, thiserror::Error)]
@@ -126,8 +150,23 @@ pub enum UnpackError {
 pub enum WhiteoutFormat {
     /// overlayfs form: 0:0 character devices and `trusted.overlay.opaque=y`. Needs root.
     Overlay,
+    /// overlayfs form for a user namespace (rootless): 0:0 character devices and
+    /// `user.overlay.opaque=y`, mounted with `userxattr`.
+    #[serde(rename = "useroverlay")]
+    UserOverlay,
     /// The archive's own `.wh.` files, kept as regular files.
     Oci,
+}
+
+impl WhiteoutFormat {
+    /// The xattr marking an opaque directory, for the overlayfs forms.
+    pub fn opaque_xattr(self) -> Option<&'static str> {
+        match self {
+            WhiteoutFormat::Overlay => Some(OPAQUE_XATTR),
+            WhiteoutFormat::UserOverlay => Some(USER_OPAQUE_XATTR),
+            WhiteoutFormat::Oci => None,
+        }
+    }
 }
 
 /// How to unpack.
@@ -141,9 +180,17 @@ pub struct UnpackOptions {
 }
 
 impl UnpackOptions {
-    /// Root gets overlay whiteouts and full ownership; anyone else the unprivileged form.
+    /// Root gets overlay whiteouts and full ownership; root of a user namespace (rootless
+    /// stagehand) the user-xattr overlay form and ownership within its id map; anyone else
+    /// the unprivileged form.
     pub fn for_current_user() -> UnpackOptions {
         let root = nix::unistd::geteuid().is_root();
+        if root && fsutil::in_user_namespace() {
+            return UnpackOptions {
+                whiteouts: WhiteoutFormat::UserOverlay,
+                privileged: true,
+            };
+        }
         UnpackOptions {
             whiteouts: if root {
                 WhiteoutFormat::Overlay
@@ -359,6 +406,8 @@ fn unpack_stream(
         archive,
         dirs: Vec::new(),
         stats: UnpackStats::default(),
+        parents: HashMap::new(),
+        sparse_bytes: 0,
     };
     {
         let mut tar = tar::Archive::new(&mut hashing);
@@ -444,6 +493,12 @@ struct Unpacker<'a> {
     /// mode, mtime).
     dirs: Vec<(PathBuf, u32, i64)>,
     stats: UnpackStats,
+    /// Directories resolved so far: archive-relative path -> real path under the target.
+    /// Valid until an entry removes something (a removed directory or symlink may have been
+    /// on the way), when it is cleared.
+    parents: HashMap<PathBuf, PathBuf>,
+    /// Apparent bytes of the GNU sparse entries so far (see [`MAX_SPARSE_BYTES`]).
+    sparse_bytes: u64,
 }
 
 impl Unpacker<'_> {
@@ -471,20 +526,62 @@ impl Unpacker<'_> {
 
     /// The real directory an entry's parent resolves to, created if missing.
     fn parent(
-        &self,
+        &mut self,
         entry: &Path,
         parent_rel: &Path,
         create: bool,
     ) -> Result<PathBuf, UnpackError> {
-        fsutil::resolve_in_root(self.target, parent_rel, create).map_err(|e| match e {
-            ResolveError::Io(path, source) => UnpackError::Write {
-                archive: self.archive.to_string(),
-                entry: entry.to_path_buf(),
-                path: self.target.join(path),
-                source,
-            },
-            other => self.refuse(entry, other),
-        })
+        if let Some(found) = self.parents.get(parent_rel) {
+            return Ok(found.clone());
+        }
+        let found =
+            fsutil::resolve_in_root(self.target, parent_rel, create).map_err(|e| match e {
+                ResolveError::Io(path, source) => UnpackError::Write {
+                    archive: self.archive.to_string(),
+                    entry: entry.to_path_buf(),
+                    path: self.target.join(path),
+                    source,
+                },
+                other => self.refuse(entry, other),
+            })?;
+        self.parents.insert(parent_rel.to_path_buf(), found.clone());
+        Ok(found)
+    }
+
+    /// [`remove_any`], forgetting every resolved directory if something was removed.
+    fn remove(&mut self, path: &Path) -> io::Result<()> {
+        if remove_existing(path)? {
+            self.parents.clear();
+        }
+        Ok(())
+    }
+
+    /// Refuses a member the kernel could not resolve once unpacked: a component longer than
+    /// `NAME_MAX`, or a host path (the target in front) reaching `PATH_MAX`.
+    fn check_length(&self, raw: &Path, rel: &Path) -> Result<(), UnpackError> {
+        if let Some(long) = rel.iter().find(|c| c.len() > NAME_MAX) {
+            return Err(self.refuse(
+                raw,
+                format!(
+                    "a path component of {} bytes (the limit is {NAME_MAX}): {}...",
+                    long.len(),
+                    String::from_utf8_lossy(&long.as_bytes()[..32])
+                ),
+            ));
+        }
+        let host_len = self.target.as_os_str().len() + 1 + rel.as_os_str().len();
+        if host_len >= PATH_MAX {
+            return Err(self.refuse(
+                raw,
+                format!(
+                    "its path is {} bytes deep in {} components; unpacked it would be {host_len} \
+                     bytes long, over the kernel's limit of {PATH_MAX} (PATH_MAX)",
+                    rel.as_os_str().len(),
+                    rel.iter().count()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), UnpackError> {
@@ -506,6 +603,7 @@ impl Unpacker<'_> {
             Ok(None) => return Ok(()),
             Err(reason) => return Err(self.refuse(&raw, reason)),
         };
+        self.check_length(&raw, &rel)?;
         self.stats.entries += 1;
         let meta = EntryMeta::read(entry).map_err(|e| read_err(self.archive, e))?;
         let name = rel
@@ -514,18 +612,18 @@ impl Unpacker<'_> {
             .to_os_string();
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
 
-        if self.opts.whiteouts == WhiteoutFormat::Overlay {
+        if let Some(opaque_xattr) = self.opts.whiteouts.opaque_xattr() {
             if let Some(hidden) = name.as_bytes().strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
                 let parent = self.parent(&raw, &parent_rel, true)?;
                 if name == OPAQUE_MARKER {
-                    return xattr::set(&parent, OPAQUE_XATTR, b"y")
+                    return xattr::set(&parent, opaque_xattr, b"y")
                         .map_err(self.write_err(&raw, &parent));
                 }
                 if matches!(hidden, b"" | b"." | b"..") {
                     return Err(self.refuse(&raw, "a whiteout must name an entry"));
                 }
                 let path = parent.join(OsStr::from_bytes(hidden));
-                remove_any(&path).map_err(self.write_err(&raw, &path))?;
+                self.remove(&path).map_err(self.write_err(&raw, &path))?;
                 return nix::sys::stat::mknod(&path, SFlag::S_IFCHR, Mode::empty(), 0)
                     .map_err(|e| self.write_err(&raw, &path)(e.into()));
             }
@@ -533,8 +631,9 @@ impl Unpacker<'_> {
 
         let parent = self.parent(&raw, &parent_rel, true)?;
         let dest = parent.join(&name);
+        let archive = self.archive;
         let wr = |e: io::Error| UnpackError::Write {
-            archive: self.archive.to_string(),
+            archive: archive.to_string(),
             entry: raw.clone(),
             path: dest.clone(),
             source: e,
@@ -544,7 +643,7 @@ impl Unpacker<'_> {
                 match fs::symlink_metadata(&dest) {
                     Ok(m) if m.is_dir() => {}
                     Ok(_) => {
-                        remove_any(&dest).map_err(wr)?;
+                        self.remove(&dest).map_err(wr)?;
                         fs::create_dir(&dest).map_err(wr)?;
                     }
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -558,18 +657,33 @@ impl Unpacker<'_> {
                     .strip_prefix(self.target)
                     .unwrap_or(&dest)
                     .to_path_buf();
+                self.parents.insert(rel.clone(), dest.clone());
                 self.dirs.push((rel_dest, meta.mode, meta.mtime));
             }
             T::Regular | T::Continuous | T::GNUSparse => {
-                remove_any(&dest).map_err(wr)?;
-                let mut file = OpenOptions::new()
+                if kind == T::GNUSparse {
+                    self.sparse_bytes = self.sparse_bytes.saturating_add(entry.size());
+                    if self.sparse_bytes > MAX_SPARSE_BYTES {
+                        return Err(self.refuse(
+                            &raw,
+                            format!(
+                                "a sparse file of {} bytes brings the layer's sparse files to \
+                                 {} bytes, over the limit of {MAX_SPARSE_BYTES}",
+                                entry.size(),
+                                self.sparse_bytes
+                            ),
+                        ));
+                    }
+                }
+                self.remove(&dest).map_err(wr)?;
+                let file = OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&dest)
                     .map_err(wr)?;
-                if let Err(e) = io::copy(entry, &mut file) {
+                if let Err(e) = copy_sparse(entry, &file) {
                     return Err(match CorruptBlob::find(&e) {
                         Some(c) => UnpackError::Store(StoreError::Corrupt(c.clone())),
                         None => wr(e),
@@ -595,7 +709,7 @@ impl Unpacker<'_> {
                     .map_err(|e| read_err(self.archive, e))?
                     .ok_or_else(|| self.refuse(&raw, "a symlink without a target"))?
                     .into_owned();
-                remove_any(&dest).map_err(wr)?;
+                self.remove(&dest).map_err(wr)?;
                 std::os::unix::fs::symlink(&target, &dest).map_err(wr)?;
                 self.chown(&dest, &meta).map_err(wr)?;
                 set_times_nofollow(&dest, meta.mtime).map_err(wr)?;
@@ -636,7 +750,7 @@ impl Unpacker<'_> {
                     }
                 }
                 if source != dest {
-                    remove_any(&dest).map_err(wr)?;
+                    self.remove(&dest).map_err(wr)?;
                     fs::hard_link(&source, &dest).map_err(wr)?;
                 }
             }
@@ -653,14 +767,25 @@ impl Unpacker<'_> {
                 let header = entry.header();
                 let major = header.device_major().ok().flatten().unwrap_or(0);
                 let minor = header.device_minor().ok().flatten().unwrap_or(0);
-                remove_any(&dest).map_err(wr)?;
-                nix::sys::stat::mknod(
+                self.remove(&dest).map_err(wr)?;
+                match nix::sys::stat::mknod(
                     &dest,
                     flag,
                     Mode::from_bits_truncate(meta.mode),
                     libc::makedev(major, minor),
-                )
-                .map_err(|e| wr(e.into()))?;
+                ) {
+                    Ok(()) => {}
+                    // A user namespace may not make devices (the runtime binds the standard
+                    // ones into the container instead): skip, as without root.
+                    Err(nix::errno::Errno::EPERM)
+                        if kind != T::Fifo
+                            && self.opts.whiteouts == WhiteoutFormat::UserOverlay =>
+                    {
+                        self.stats.skipped_devices += 1;
+                        return Ok(());
+                    }
+                    Err(e) => return Err(wr(e.into())),
+                }
                 self.chown(&dest, &meta).map_err(wr)?;
                 fs::set_permissions(&dest, Permissions::from_mode(meta.mode)).map_err(wr)?;
                 self.set_xattrs(&dest, &meta);
@@ -673,19 +798,26 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    /// `lchown` when privileged; a no-op otherwise (files then belong to the caller).
+    /// `lchown` when privileged; a no-op otherwise (files then belong to the caller). In a
+    /// user namespace an id outside its map (EINVAL) leaves the entry the caller's.
     fn chown(&self, path: &Path, meta: &EntryMeta) -> io::Result<()> {
         if !self.opts.privileged {
             return Ok(());
         }
-        nix::unistd::fchownat(
+        match nix::unistd::fchownat(
             nix::fcntl::AT_FDCWD,
             path,
             Some(Uid::from_raw(meta.uid)),
             Some(Gid::from_raw(meta.gid)),
             nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-        )
-        .map_err(io::Error::from)
+        ) {
+            Err(nix::errno::Errno::EINVAL)
+                if self.opts.whiteouts == WhiteoutFormat::UserOverlay =>
+            {
+                Ok(())
+            }
+            other => other.map_err(io::Error::from),
+        }
     }
 
     /// Best effort, like GNU tar's `--xattrs`: a filesystem or a user that cannot store an
@@ -693,7 +825,8 @@ impl Unpacker<'_> {
     fn set_xattrs(&mut self, path: &Path, meta: &EntryMeta) {
         for (name, value) in &meta.xattrs {
             let bytes = name.as_bytes();
-            let forged = bytes.starts_with(b"trusted.overlay.");
+            let forged =
+                bytes.starts_with(b"trusted.overlay.") || bytes.starts_with(b"user.overlay.");
             let needs_root = bytes.starts_with(b"trusted.") || bytes.starts_with(b"security.");
             if forged
                 || (needs_root && !self.opts.privileged)
@@ -705,9 +838,12 @@ impl Unpacker<'_> {
     }
 
     fn finish_dirs(&mut self) {
+        // The tree no longer changes: each directory is checked once, not once per descendant
+        // (which is quadratic in the depth of a deep tree).
+        let mut real: HashMap<PathBuf, bool> = HashMap::new();
         // Deepest last-seen first, so a parent's mtime is set after its children changed it.
         for (rel, mode, mtime) in self.dirs.iter().rev() {
-            if !fsutil::is_real_dir_chain(self.target, rel) {
+            if !is_real_dir_chain_memo(self.target, rel, &mut real) {
                 continue;
             }
             let path = self.target.join(rel);
@@ -719,12 +855,83 @@ impl Unpacker<'_> {
 
 /// Removes whatever is at `path` (never following a symlink); nothing there is fine.
 pub(crate) fn remove_any(path: &Path) -> io::Result<()> {
+    remove_existing(path).map(|_| ())
+}
+
+/// [`remove_any`], returning whether something was removed.
+fn remove_existing(path: &Path) -> io::Result<bool> {
     match fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(path),
-        Ok(_) => fs::remove_file(path),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Ok(m) if m.is_dir() => fs::remove_dir_all(path).map(|()| true),
+        Ok(_) => fs::remove_file(path).map(|()| true),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
     }
+}
+
+/// [`fsutil::is_real_dir_chain`] remembering every prefix it has looked at in `memo`, so
+/// only the ancestors not seen before are checked (one `lstat` each).
+fn is_real_dir_chain_memo(root: &Path, rel: &Path, memo: &mut HashMap<PathBuf, bool>) -> bool {
+    // Up to the nearest ancestor already known.
+    let mut unknown: Vec<&Path> = Vec::new();
+    for p in rel.ancestors().filter(|p| !p.as_os_str().is_empty()) {
+        match memo.get(p) {
+            Some(false) => return false,
+            Some(true) => break,
+            None => unknown.push(p),
+        }
+    }
+    // Then down, nearest first: each one's parent is a real directory by then.
+    for p in unknown.into_iter().rev() {
+        let (parent, name) = (p.parent().unwrap_or(Path::new("")), p.file_name());
+        let ok = name.is_some_and(|n| fsutil::is_real_dir_chain(&root.join(parent), Path::new(n)));
+        memo.insert(p.to_path_buf(), ok);
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+/// Copies `reader` into `file` from offset 0, skipping every all-zero block with a seek
+/// instead of writing it, so zeros (a sparse entry's holes) take no disk space; the file is
+/// extended to its full length at the end.
+fn copy_sparse(reader: &mut dyn Read, file: &File) -> io::Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut offset = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        // Write maximal runs of non-zero blocks in one call.
+        let mut at = 0;
+        while at < n {
+            let block_end = |i: usize| (i + HOLE_BLOCK).min(n);
+            if is_zero(&buf[at..block_end(at)]) {
+                at = block_end(at);
+                continue;
+            }
+            let mut end = block_end(at);
+            while end < n && !is_zero(&buf[end..block_end(end)]) {
+                end = block_end(end);
+            }
+            file.write_all_at(&buf[at..end], offset + at as u64)?;
+            at = end;
+        }
+        offset += n as u64;
+    }
+    file.set_len(offset)?;
+    Ok(offset)
+}
+
+/// Whether every byte of `bytes` (at most [`HOLE_BLOCK`] long) is zero. A slice comparison
+/// is a `memcmp`, fast also in unoptimized builds: a 10 GiB hole is 10 GiB to check.
+fn is_zero(bytes: &[u8]) -> bool {
+    static ZEROS: [u8; HOLE_BLOCK] = [0; HOLE_BLOCK];
+    bytes == &ZEROS[..bytes.len()]
 }
 
 fn file_times(mtime: i64) -> fs::FileTimes {
@@ -1061,6 +1268,201 @@ pub(crate) mod tests {
         };
         assert_refused(run(&t, &target, opts), "etc/.wh...");
         assert!(target.exists());
+    }
+
+    /// A GNU sparse entry (type `S`) of `real_size` bytes whose data are `chunks` at their
+    /// offsets (each but the last a multiple of 512 bytes long), the rest holes.
+    pub(crate) fn sparse_entry(
+        out: &mut Vec<u8>,
+        name: &str,
+        real_size: u64,
+        chunks: &[(u64, &[u8])],
+    ) {
+        assert!(
+            chunks.len() <= 3,
+            "one header holds four sparse blocks, one is the end"
+        );
+        // Numbers in GNU base-256 (0x80, then big-endian): 10 GiB does not fit 11 octal digits.
+        let base256 = |h: &mut [u8; 512], off: usize, v: u64| {
+            h[off..off + 12].fill(0);
+            h[off] = 0x80;
+            h[off + 4..off + 12].copy_from_slice(&v.to_be_bytes());
+        };
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..108].copy_from_slice(b"0000644\0");
+        h[108..116].copy_from_slice(b"0000000\0");
+        h[116..124].copy_from_slice(b"0000000\0");
+        let stored: u64 = chunks.iter().map(|(_, d)| d.len() as u64).sum();
+        base256(&mut h, 124, stored);
+        h[136..148].copy_from_slice(b"00000000000\0");
+        h[156] = b'S';
+        h[257..265].copy_from_slice(b"ustar  \0");
+        // The last block, empty at the end, fixes where the file ends.
+        let blocks = chunks
+            .iter()
+            .map(|(o, d)| (*o, d.len() as u64))
+            .chain(std::iter::once((real_size, 0)));
+        for (i, (offset, len)) in blocks.enumerate() {
+            base256(&mut h, 386 + i * 24, offset);
+            base256(&mut h, 386 + i * 24 + 12, len);
+        }
+        base256(&mut h, 483, real_size);
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|&b| b as u32).sum();
+        h[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        out.extend_from_slice(&h);
+        for (_, d) in chunks {
+            out.extend_from_slice(d);
+        }
+        out.resize(out.len().next_multiple_of(512), 0);
+    }
+
+    #[test]
+    fn sparse_entries_and_runs_of_zeros_unpack_as_holes() {
+        let (_d, target, _) = sandbox();
+        let gib = 1u64 << 30;
+        let mut t = Vec::new();
+        sparse_entry(
+            &mut t,
+            "sparse",
+            gib,
+            &[(0, &[b'h'; 512][..]), (gib / 2, &b"tail"[..])],
+        );
+        // A plain file of zeros stored in full, with one byte at the end.
+        let mut zeros = vec![0u8; 4 << 20];
+        *zeros.last_mut().unwrap() = b'z';
+        raw_entry(&mut t, "zeros", b'0', "", &zeros);
+        end(&mut t);
+        let started = std::time::Instant::now();
+        run(&t, &target, oci()).unwrap();
+        let m = fs::metadata(target.join("sparse")).unwrap();
+        assert_eq!(m.len(), gib);
+        assert!(
+            m.blocks() * 512 < 1 << 20,
+            "{} bytes on disk",
+            m.blocks() * 512
+        );
+        let mut f = File::open(target.join("sparse")).unwrap();
+        let mut head = [0u8; 513];
+        f.read_exact(&mut head).unwrap();
+        assert_eq!((&head[..512], head[512]), (&[b'h'; 512][..], 0));
+        use std::os::unix::fs::FileExt;
+        let mut tail = [0u8; 4];
+        f.read_exact_at(&mut tail, gib / 2).unwrap();
+        assert_eq!(&tail, b"tail");
+        let z = fs::metadata(target.join("zeros")).unwrap();
+        assert_eq!(z.len(), 4 << 20);
+        assert!(
+            z.blocks() * 512 <= 64 << 10,
+            "{} bytes on disk",
+            z.blocks() * 512
+        );
+        assert_eq!(fs::read(target.join("zeros")).unwrap(), zeros);
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    fn sparse_entries_over_the_layer_budget_are_refused_before_reading() {
+        let (_d, target, _) = sandbox();
+        let mut t = Vec::new();
+        sparse_entry(&mut t, "small", 1 << 20, &[(0, &[1u8; 512][..])]);
+        sparse_entry(&mut t, "huge", MAX_SPARSE_BYTES, &[(0, &[1u8; 512][..])]);
+        end(&mut t);
+        let started = std::time::Instant::now();
+        assert_refused(run(&t, &target, oci()), "huge");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(!target.join("huge").exists());
+    }
+
+    /// A GNU header owned by 0:0 with mtime 0, `mode` and size 0.
+    fn header(mode: u32) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(0);
+        h
+    }
+
+    /// A tar (GNU long names) of directories `a/`, `a/a/`, ... `depth` deep and a file at the
+    /// bottom.
+    fn deep_tar(depth: usize) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut path = String::new();
+        for _ in 0..depth {
+            path.push_str("a/");
+            let mut h = header(0o755);
+            h.set_entry_type(tar::EntryType::Directory);
+            b.append_data(&mut h, &path, io::empty()).unwrap();
+        }
+        let mut h = header(0o644);
+        h.set_size(6);
+        b.append_data(&mut h, format!("{path}bottom"), &b"found\n"[..])
+            .unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn deep_trees_unpack_in_linear_time_and_too_deep_ones_are_refused_by_name() {
+        let (_d, target, _) = sandbox();
+        let started = std::time::Instant::now();
+        let stats = run(&deep_tar(1500), &target, oci()).unwrap();
+        assert_eq!(stats.entries, 1501);
+        let bottom = format!("{}bottom", "a/".repeat(1500));
+        // Read relative to a directory half-way down: the whole path is near PATH_MAX.
+        let half = target.join("a/".repeat(750));
+        let rest = format!("{}bottom", "a/".repeat(750));
+        let fd = File::open(&half).unwrap();
+        let read = nix::fcntl::openat(
+            &fd,
+            rest.as_str(),
+            nix::fcntl::OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .map(File::from)
+        .and_then(|mut f| {
+            let mut s = String::new();
+            f.read_to_string(&mut s)
+                .map_err(|_| nix::errno::Errno::EIO)?;
+            Ok(s)
+        });
+        assert_eq!(read.as_deref(), Ok("found\n"), "{bottom}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let (_d, target, _) = sandbox();
+        let started = std::time::Instant::now();
+        let err = run(&deep_tar(5000), &target, oci()).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, UnpackError::Unsafe { .. })
+                && msg.contains("PATH_MAX")
+                && msg.contains("test.tar"),
+            "{msg}"
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+
+        let (_d, target, _) = sandbox();
+        let long = "n".repeat(300);
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut header(0o644), format!("dir/{long}"), io::empty())
+            .unwrap();
+        let err = run(&b.into_inner().unwrap(), &target, oci()).unwrap_err();
+        assert!(err.to_string().contains("300 bytes"), "{err}");
+        assert_refused(Err(err), &format!("dir/{long}"));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub enum Command {
     Gc,
     /// List running stages and their services.
     Ps,
+    /// Report what this host supports (cgroups, user namespaces, subordinate ids, overlayfs,
+    /// runtimes, slirp4netns) and what to do about each gap.
+    Doctor,
     /// Internal: run one container as a containerd task in the foreground (the containerd
     /// backend's stand-in for `runc run`).
     #[cfg(feature = "containerd")]
@@ -75,6 +78,19 @@ pub enum Command {
         #[command(subcommand)]
         cmd: ImageCmd,
     },
+}
+
+impl Command {
+    /// Commands that make namespaces, mounts or files owned by image users: as an ordinary
+    /// user they run as root of a user namespace of their own.
+    fn needs_user_namespace(&self) -> bool {
+        match self {
+            Command::Run(_) | Command::Gc | Command::Image { .. } => true,
+            Command::Validate(_) | Command::Plan(_) | Command::Ps | Command::Doctor => false,
+            #[cfg(feature = "containerd")]
+            Command::ContainerdRun { .. } => false,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -110,7 +126,21 @@ pub enum ImageCmd {
     /// Give an image another name (no copy).
     Tag { image: String, name: String },
     /// List images.
-    Ls,
+    Ls {
+        /// `containerd` adds a CONTAINERD column: whether containerd (at
+        /// `--containerd-address`, namespace `stagehand`) has the image under the same name
+        /// (`yes`), that name for another image (`other`), or not (`no`).
+        #[arg(long, value_enum, default_value = "runc")]
+        backend: BackendArg,
+        /// containerd's socket, for `--backend containerd`.
+        #[arg(
+            long,
+            value_name = "SOCKET",
+            default_value = "/run/containerd/containerd.sock",
+            env = "STAGEHAND_CONTAINERD_ADDRESS"
+        )]
+        containerd_address: PathBuf,
+    },
     /// Remove images by name or id.
     Rm { images: Vec<String> },
     /// Show an image's manifest, config and layers.
@@ -193,6 +223,10 @@ pub struct RunArgs {
     /// Maximum number of processes in each step's cgroup.
     #[arg(long, default_value_t = 4096)]
     pub pids_limit: u64,
+    /// Refuse to run when resource limits cannot be enforced (rootless on cgroup v1, or v2
+    /// without a delegated subtree) instead of warning and running without them.
+    #[arg(long)]
+    pub require_limits: bool,
     /// The image store (default: /var/lib/stagehand as root, $XDG_DATA_HOME/stagehand otherwise).
     #[arg(long = "root", value_name = "DIR")]
     pub root: Option<PathBuf>,
@@ -258,7 +292,25 @@ fn parse_duration_arg(s: &str) -> Result<Duration, String> {
 
 /// Parse arguments, run, and return the process exit code.
 pub fn main() -> i32 {
+    // First, while single-threaded: a rootless child re-run by `reexec` enters its namespace.
+    if let Err(e) = stagehand_supervisor::userns::enter_child() {
+        eprintln!("stagehand: {e}");
+        return EXIT_INVALID;
+    }
     let cli = Cli::parse();
+    if cli.command.needs_user_namespace()
+        && !stagehand_supervisor::userns::is_real_root()
+        && !stagehand_supervisor::userns::in_user_namespace()
+    {
+        let plan = stagehand_supervisor::userns::MappingPlan::for_current_user();
+        return match stagehand_supervisor::userns::reexec(&plan) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("stagehand: {e}");
+                EXIT_INVALID
+            }
+        };
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("STAGEHAND_LOG")
         .unwrap_or_else(|_| "warn".into());
     tracing_subscriber::fmt()
@@ -272,6 +324,7 @@ pub fn main() -> i32 {
         Command::Gc => gc_cmd(),
         Command::Image { root, cmd } => image_cmd(root.unwrap_or_else(default_image_root), cmd),
         Command::Ps => ps_cmd(),
+        Command::Doctor => Ok(crate::doctor::run()),
         #[cfg(feature = "containerd")]
         Command::ContainerdRun {
             address,
@@ -291,14 +344,44 @@ pub fn main() -> i32 {
     }
 }
 
+/// 1-based line and column (in characters) of byte `at` of `bytes`, valid UTF-8 before it.
+fn utf8_position(bytes: &[u8], at: usize) -> (usize, usize) {
+    let before = String::from_utf8_lossy(&bytes[..at]);
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
 /// A loaded and checked pipeline, or the exit code to stop with.
 struct Checked {
     pipeline: Pipeline,
 }
 
 fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
-    let source =
-        std::fs::read_to_string(&a.file).with_context(|| format!("read {}", a.file.display()))?;
+    let source = std::fs::read(&a.file).with_context(|| format!("read {}", a.file.display()))?;
+    let source = match String::from_utf8(source) {
+        Ok(s) => s,
+        Err(e) => {
+            let bytes = e.as_bytes();
+            let at = e.utf8_error().valid_up_to();
+            let (line, col) = utf8_position(bytes, at);
+            let shown = String::from_utf8_lossy(bytes).into_owned();
+            let mut diags = Diagnostics::new(&a.file);
+            diags.error(
+                crate::yaml::Pos {
+                    line: line as u32,
+                    col: col as u32,
+                },
+                format!(
+                    "the file is not UTF-8 text (byte 0x{:02x}); YAML pipelines must be UTF-8",
+                    bytes[at]
+                ),
+            );
+            eprint!("{}", diags.render(&shown, false));
+            eprintln!("{}: invalid: 1 error", a.file.display());
+            return Ok(Err(EXIT_INVALID));
+        }
+    };
     let mut diags = Diagnostics::new(&a.file);
     let mut root = match crate::yaml::parse(&source) {
         Ok(n) => n,
@@ -461,22 +544,26 @@ fn read_secrets(a: &RunArgs) -> Result<BTreeMap<String, String>> {
     Ok(out)
 }
 
-/// The run directory: the single place that records what a run created.
-fn run_dir_base() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
+/// The run directory: the single place that records what a run created. Rootless runs
+/// (root of their own user namespace) use the user's, by the user's host uid.
+pub(crate) fn run_dir_base() -> PathBuf {
+    if stagehand_supervisor::userns::is_real_root() {
         return PathBuf::from("/run/stagehand");
     }
-    match std::env::var_os("XDG_RUNTIME_DIR") {
+    match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("stagehand"),
-        None => std::env::temp_dir().join(format!("stagehand-{}", nix::unistd::geteuid())),
+        None => std::env::temp_dir().join(format!(
+            "stagehand-{}",
+            stagehand_supervisor::userns::host_uid()
+        )),
     }
 }
 
 fn state_dir() -> PathBuf {
-    if nix::unistd::geteuid().is_root() {
+    if stagehand_supervisor::userns::is_real_root() {
         return PathBuf::from("/var/lib/stagehand");
     }
-    match std::env::var_os("XDG_DATA_HOME") {
+    match std::env::var_os("XDG_DATA_HOME").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("stagehand"),
         None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/tmp".into()))
             .join(".local/share/stagehand"),
@@ -553,6 +640,14 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
         Console::new(secrets.clone(), Some(logs.clone()), a.quiet)
             .with_json(a.output == OutputArg::Json),
     );
+
+    let caps = match rootless_caps(&a, &console) {
+        Ok(c) => c,
+        Err(e) => {
+            console.status(&format!("stagehand: {e}"));
+            return Ok(EXIT_INVALID);
+        }
+    };
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -649,7 +744,7 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
             };
             console.stage_start(&plan.identifier, &plan.name);
             let steps_dir = run_dir.join("steps").join(&plan.identifier);
-            let sandbox = match stage_sandbox(&a, &plan, &run_dir, &run_id, &console) {
+            let sandbox = match stage_sandbox(&a, &plan, &run_dir, &run_id, caps) {
                 Ok(s) => s,
                 Err(e) => {
                     console.status(&format!("stagehand: {e}"));
@@ -756,6 +851,9 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
     match cmd {
         ImageCmd::Load { file } => {
             let started = std::time::Instant::now();
+            // What each name meant before, so a refused archive cannot take a good image's
+            // name away.
+            let before = store.list()?;
             let loaded =
                 archive::load(&store, &file).with_context(|| format!("load {}", file.display()))?;
             // Unpack every layer now: a hostile archive (`..`, escaping symlinks) is refused
@@ -778,6 +876,14 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
             if let Err(e) = checked {
                 for l in &loaded {
                     let _ = store.remove(l.name.as_deref().unwrap_or(&l.id.to_string()));
+                }
+                for old in &before {
+                    let Some(name) = &old.name else { continue };
+                    if loaded.iter().any(|l| l.name.as_deref() == Some(name)) {
+                        if let Ok(r) = stagehand_oci::store::parse_reference(name) {
+                            let _ = store.tag(&r, &old.id);
+                        }
+                    }
                 }
                 let _ = store.prune();
                 return Err(e.context("the archive was not loaded"));
@@ -868,12 +974,34 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
                 stagehand_oci::store::name_of(&reference).unwrap_or(name)
             );
         }
-        ImageCmd::Ls => {
+        ImageCmd::Ls {
+            backend,
+            containerd_address,
+        } => {
             let list = store.list()?;
-            println!("{:<60} {:<14}", "NAME", "ID");
+            let Some(theirs) = containerd_images(backend, &containerd_address)? else {
+                println!("{:<60} {:<14}", "NAME", "ID");
+                for e in list {
+                    println!(
+                        "{:<60} {:<14}",
+                        e.name.as_deref().unwrap_or("<no name>"),
+                        e.id.short()
+                    );
+                }
+                return Ok(EXIT_OK);
+            };
+            println!("{:<60} {:<14} CONTAINERD", "NAME", "ID");
             for e in list {
+                let id = e.id.to_string();
+                let has = match e.name.as_deref().map(|n| theirs.get(n)) {
+                    Some(Some(d)) if *d == id => "yes",
+                    Some(Some(_)) => "other",
+                    Some(None) => "no",
+                    None if theirs.values().any(|d| *d == id) => "yes",
+                    None => "no",
+                };
                 println!(
-                    "{:<60} {:<14}",
+                    "{:<60} {:<14} {has}",
                     e.name.as_deref().unwrap_or("<no name>"),
                     e.id.short()
                 );
@@ -926,7 +1054,30 @@ fn image_cmd(root: PathBuf, cmd: ImageCmd) -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-/// Delete the containerd containers and tasks of the runs `dead` (those killed with SIGKILL):
+/// For `image ls --backend containerd`: containerd's images in stagehand's namespace (name →
+/// manifest digest); `None` for `--backend runc`.
+fn containerd_images(
+    backend: BackendArg,
+    address: &Path,
+) -> Result<Option<std::collections::HashMap<String, String>>> {
+    if backend != BackendArg::Containerd {
+        return Ok(None);
+    }
+    #[cfg(feature = "containerd")]
+    {
+        crate::exec::containerd::images(address, CONTAINERD_NAMESPACE)
+            .map(Some)
+            .map_err(anyhow::Error::msg)
+    }
+    #[cfg(not(feature = "containerd"))]
+    {
+        let _ = address;
+        bail!(crate::exec::container::NO_CONTAINERD)
+    }
+}
+
+/// Delete the containerd containers, tasks, snapshots and leases of runs killed with SIGKILL
+/// (every run not alive, `dead` included, also those an earlier gc without containerd undid):
 /// (what was removed, errors). Nothing without the `containerd` feature or the socket.
 fn containerd_gc(
     address: &Path,
@@ -934,8 +1085,12 @@ fn containerd_gc(
 ) -> (Vec<String>, Vec<String>) {
     #[cfg(feature = "containerd")]
     {
-        let ids: Vec<String> = dead.iter().map(|r| r.run_id.clone()).collect();
-        crate::exec::containerd::gc(address, CONTAINERD_NAMESPACE, &ids)
+        let _ = dead;
+        let live: Vec<String> = stagehand_supervisor::stage::running(&run_dir_base())
+            .into_iter()
+            .map(|(_, s)| s.run_id)
+            .collect();
+        crate::exec::containerd::gc(address, CONTAINERD_NAMESPACE, &live)
     }
     #[cfg(not(feature = "containerd"))]
     {
@@ -951,7 +1106,7 @@ fn gc_cmd() -> Result<i32> {
         .unwrap_or_else(|| PathBuf::from("/run/containerd/containerd.sock"));
     let (removed, errors) = containerd_gc(&address, &reports);
     for id in &removed {
-        println!("containerd: removed container {id}");
+        println!("containerd: removed {id}");
     }
     for e in &errors {
         eprintln!("{e}");
@@ -1014,21 +1169,56 @@ fn ps_cmd() -> Result<i32> {
     Ok(EXIT_OK)
 }
 
-/// Build the stage pod. Without root there are no namespaces or cgroups yet (rootless comes
-/// with user namespaces): steps then run bare on the host, and we say so once.
+/// What a rootless run can do on this host, decided once before the first stage.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct RootlessCaps {
+    /// Whether cgroups (and so limits) are ours to use.
+    cgroups: bool,
+    /// Whether slirp4netns can open /dev/net/tun.
+    outbound: bool,
+}
+
+/// As root: everything. As root of our user namespace: say once what cannot be had here
+/// (limits without a delegated cgroup, outbound without /dev/net/tun), or refuse with
+/// `--require-limits`.
+fn rootless_caps(a: &RunArgs, console: &Console) -> Result<RootlessCaps, String> {
+    use stagehand_supervisor::userns;
+    if userns::is_real_root() {
+        return Ok(RootlessCaps {
+            cgroups: true,
+            outbound: true,
+        });
+    }
+    let why = crate::doctor::limits_gap();
+    if a.require_limits {
+        return Err(format!(
+            "--require-limits: resource limits cannot be enforced here: {why}"
+        ));
+    }
+    console.status(&format!(
+        "    warning: resource limits cannot be enforced: {why}; steps run without memory, CPU and pids limits (--require-limits refuses instead)"
+    ));
+    let outbound = userns::tun_usable();
+    if !outbound && a.network == NetworkArg::Stage {
+        console.status("    warning: no outbound network for the stage: /dev/net/tun cannot be opened by this user (slirp4netns needs it; `chmod 0666 /dev/net/tun`, the usual mode, fixes it); loopback, step hostnames and published ports work");
+    }
+    Ok(RootlessCaps {
+        cgroups: false,
+        outbound,
+    })
+}
+
+/// Build the stage pod: as root with cgroups, as root of our user namespace (rootless) with
+/// what `caps` allows.
 fn stage_sandbox(
     a: &RunArgs,
     plan: &StagePlan,
     run_dir: &Path,
     run_id: &str,
-    console: &Console,
+    caps: RootlessCaps,
 ) -> Result<Option<stagehand_supervisor::stage::Stage>, String> {
     use stagehand_supervisor::forward::PortBinding;
     use stagehand_supervisor::stage::{Network, Stage, StageConfig};
-    if !nix::unistd::geteuid().is_root() {
-        console.status("    note: not running as root: no stage network namespace or cgroup limits; steps share the host's network");
-        return Ok(None);
-    }
     let steps = plan.steps();
     // Harness's name for a step in a group is `group_step`; the reference health-check
     // pipeline also reaches `Background_1` by its bare id, so both resolve.
@@ -1049,19 +1239,23 @@ fn stage_sandbox(
         })
         .collect();
     let network = match a.network {
-        NetworkArg::Stage => Network::Isolated { outbound: true },
+        NetworkArg::Stage => Network::Isolated {
+            outbound: caps.outbound,
+        },
         NetworkArg::None => Network::Isolated { outbound: false },
         NetworkArg::Host => Network::Host,
     };
     let slirp = find_in_path("slirp4netns");
-    if a.network == NetworkArg::Stage && slirp.is_none() {
+    if a.network == NetworkArg::Stage && caps.outbound && slirp.is_none() {
         return Err("slirp4netns not found: install it (apt-get install slirp4netns) for outbound access from the stage, or pass --network none (loopback only) or --network host".into());
     }
     let cfg = StageConfig {
         run_dir: run_dir.to_path_buf(),
         run_id: run_id.to_string(),
         stage_id: plan.identifier.clone(),
-        cgroup_root: Some(PathBuf::from(stagehand_supervisor::cgroup::DEFAULT_ROOT)),
+        cgroup_root: caps
+            .cgroups
+            .then(|| PathBuf::from(stagehand_supervisor::cgroup::DEFAULT_ROOT)),
         network,
         hostnames,
         port_bindings,
@@ -1072,7 +1266,7 @@ fn stage_sandbox(
         .map_err(|e| format!("stage {}: {e}", plan.identifier))
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")
         .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin".into());
     std::env::split_paths(&path)

@@ -6,6 +6,7 @@
 pub mod cli;
 pub mod context;
 pub mod diag;
+pub mod doctor;
 pub mod exec;
 pub mod expr;
 pub mod inputs;

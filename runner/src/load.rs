@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 use crate::diag::{Diagnostics, did_you_mean};
 use crate::model::*;
 use crate::units;
-use crate::yaml::{Node, Pos, Scalar, Value};
+use crate::yaml::{Key, Node, Pos, Scalar, Value};
 
 /// Keys accepted anywhere: Harness writes them into pipelines (`contextType` appears beside
 /// `step:` in exported pipelines) and they carry no behaviour.
@@ -27,6 +27,25 @@ pub fn valid_identifier(s: &str) -> bool {
     }
     s.len() <= 128 && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
 }
+
+/// Stage types Harness has. Only `CI` runs; the others are reported as not supported, and a
+/// near miss (`ci`, `Deploymnet`) as a typo.
+const HARNESS_STAGE_TYPES: &[&str] = &[
+    "CI",
+    "Deployment",
+    "Approval",
+    "Custom",
+    "Pipeline",
+    "FeatureFlag",
+    "SecurityTests",
+    "IACM",
+    "IDP",
+];
+
+/// The most copies of one step a looping strategy may make (per strategy). Harness's own
+/// limits are lower in practice; this bound keeps a typo (`parallelism: 100000000`) from
+/// exhausting memory while the plan is built.
+pub const MAX_ITERATIONS: usize = 1000;
 
 /// Step types Harness knows (execution-wrapper-config.yaml and its CI/common step nodes) that
 /// stagehand does not run. Anything else is a typo.
@@ -284,6 +303,16 @@ pub fn load(root: &Node, diags: &mut Diagnostics) -> Option<Pipeline> {
 impl Loader<'_> {
     fn document(&mut self, root: &Node) -> Option<Pipeline> {
         let Some(entries) = root.as_map() else {
+            if root.is_null() {
+                // An empty document's node sits past its last line; the file's start is the
+                // place to point at.
+                self.diags.error_hint(
+                    Pos { line: 1, col: 1 },
+                    "the file holds no YAML document (it is empty or only comments)",
+                    "a pipeline file starts with `pipeline:` (or a single `stage:`)",
+                );
+                return None;
+            }
             self.diags.error(
                 root.pos,
                 format!(
@@ -320,8 +349,16 @@ impl Loader<'_> {
             });
         }
         let first = &entries.first()?.0;
+        // Harness's v1 ("simplified") syntax opens with `version: 1` and `kind: pipeline`.
+        let v1 = root.get("version").is_some()
+            && (root.get("kind").is_some() || root.get("spec").is_some());
         let hint = did_you_mean(&first.name, &["pipeline", "stage"])
             .map(|s| format!("did you mean `{s}`?"))
+            .or_else(|| {
+                v1.then(|| {
+                    "this is Harness's v1 syntax (`version: 1`); stagehand reads v0 pipelines: `pipeline:` with `stages:`".into()
+                })
+            })
             .unwrap_or_else(|| {
                 "a pipeline file starts with `pipeline:` (or a single `stage:`)".into()
             });
@@ -588,7 +625,22 @@ impl Loader<'_> {
         }
         if let Some(t) = s.get("type") {
             let ty = t.as_text().unwrap_or_default();
-            if ty != "CI" && !is_unresolved(&ty) {
+            let typo = did_you_mean(&ty, HARNESS_STAGE_TYPES).filter(|known| *known != ty);
+            if ty.trim().is_empty() {
+                self.diags.error(
+                    t.pos,
+                    format!("`type` of stage `{identifier}` is empty (CI stages say `type: CI`)"),
+                );
+                unsupported = true;
+            } else if let (Some(known), false) = (typo, is_unresolved(&ty)) {
+                // `ci` or `Deploymnet`: Harness rejects these, so a typo, not a stage to skip.
+                self.diags.error_hint(
+                    t.pos,
+                    format!("unknown stage type `{ty}` for stage `{identifier}`"),
+                    format!("did you mean `{known}`?"),
+                );
+                unsupported = true;
+            } else if ty != "CI" && !is_unresolved(&ty) {
                 self.diags.unsupported(
                     t.pos,
                     format!("stage `{identifier}` of type `{ty}`: only CI stages run; this"),
@@ -670,6 +722,12 @@ impl Loader<'_> {
                                             false,
                                             &format!("stage `{identifier}`"),
                                         );
+                                        let copies = expanded_steps(&steps);
+                                        if copies > MAX_STAGE_STEPS {
+                                            self.diags.error(list.pos, format!("the strategies of stage `{identifier}` make {copies} steps; stagehand runs at most {MAX_STAGE_STEPS} in one stage"));
+                                            // Planning would allocate every copy: keep one.
+                                            clamp_strategies(&mut steps);
+                                        }
                                         if list.as_seq().is_some_and(|s| s.is_empty()) {
                                             self.diags.error(list.pos, "`steps` is empty");
                                         }
@@ -956,6 +1014,19 @@ impl Loader<'_> {
             None => {
                 self.diags
                     .error(s.pos, format!("step `{identifier}` has no `type`"));
+                return None;
+            }
+            Some(t) if t.as_text().is_none_or(|ty| ty.trim().is_empty()) => {
+                let found = if t.is_null() {
+                    "empty".to_string()
+                } else {
+                    t.kind().to_string()
+                };
+                self.diags.error_hint(
+                    t.pos,
+                    format!("`type` of step `{identifier}` is {found}"),
+                    "stagehand runs `Run` and `Background` steps",
+                );
                 return None;
             }
             Some(t) => {
@@ -1480,6 +1551,12 @@ impl Loader<'_> {
             return;
         }
         if let Some(paths) = spec.get("paths") {
+            if paths.as_seq().is_some_and(|s| s.is_empty()) {
+                self.diags.error(
+                    paths.pos,
+                    "`reports.spec.paths` is empty: no report would be read",
+                );
+            }
             for p in self.seq(paths, "`reports.spec.paths`") {
                 if let Some(t) = self.text(p, "a report path") {
                     out.reports.push(t);
@@ -1515,6 +1592,14 @@ impl Loader<'_> {
                 self.diags.error(
                     w.pos,
                     format!("`when` needs `{status_key}` (Success, Failure or All)"),
+                );
+                StatusGate::Success
+            }
+            Some(n) if n.as_text().is_none() => {
+                self.diags.error_hint(
+                    n.pos,
+                    format!("`{status_key}` must be one word, found {}", n.kind()),
+                    "use Success, Failure or All",
                 );
                 StatusGate::Success
             }
@@ -1808,6 +1893,7 @@ impl Loader<'_> {
             };
             let mut axes = Vec::new();
             let mut exclude = Vec::new();
+            let mut exclude_keys: Vec<Key> = Vec::new();
             let mut max_concurrency = None;
             for (k, v) in entries {
                 match k.name.as_str() {
@@ -1821,6 +1907,7 @@ impl Loader<'_> {
                                             ek.name.clone(),
                                             ev.as_text().unwrap_or_default(),
                                         );
+                                        exclude_keys.push(ek.clone());
                                     }
                                 }
                                 None => self
@@ -1866,14 +1953,36 @@ impl Loader<'_> {
             if axes.is_empty() {
                 self.diags.error(m.pos, "`matrix` has no axes");
             }
-            for combo in &exclude {
-                for k in combo.keys() {
-                    if !axes.iter().any(|(a, _)| a == k) {
-                        self.diags.error(
-                            m.pos,
-                            format!("`exclude` names `{k}`, which is not an axis of the matrix"),
-                        );
-                    }
+            for k in &exclude_keys {
+                if !axes.iter().any(|(a, _)| *a == k.name) {
+                    let names: Vec<&str> = axes.iter().map(|(a, _)| a.as_str()).collect();
+                    let hint = did_you_mean(&k.name, &names)
+                        .map(|s| format!(" (did you mean `{s}`?)"))
+                        .unwrap_or_default();
+                    self.diags.error(
+                        k.pos,
+                        format!(
+                            "`exclude` names `{}`, which is not an axis of the matrix{hint}",
+                            k.name
+                        ),
+                    );
+                }
+            }
+            // A product beyond the cap would be expanded step by step later (planning,
+            // validation): refuse it here, and keep one combination so later checks still
+            // see a matrix.
+            let combos = axes
+                .iter()
+                .fold(1usize, |n, (_, v)| n.saturating_mul(v.len().max(1)));
+            if combos > MAX_ITERATIONS {
+                self.diags.error(
+                    m.pos,
+                    format!(
+                        "this `matrix` has {combos} combinations; stagehand runs at most {MAX_ITERATIONS} copies of a step"
+                    ),
+                );
+                for (_, v) in &mut axes {
+                    v.truncate(1);
                 }
             }
             return Some(Strategy::Matrix {
@@ -1885,6 +1994,7 @@ impl Loader<'_> {
         }
         if let Some(p) = s.get("parallelism") {
             let count = self.count(p, "`parallelism`")?;
+            let count = self.capped(count, p.pos, "`parallelism`");
             return Some(Strategy::Parallelism { count, pos: p.pos });
         }
         let r = s.get("repeat")?;
@@ -1901,13 +2011,30 @@ impl Loader<'_> {
             .get("maxConcurrency")
             .and_then(|m| self.count(m, "`maxConcurrency`"));
         let items = match (r.get("times"), r.get("items")) {
-            (Some(t), None) => RepeatItems::Times(self.count(t, "`times`")?),
+            (Some(t), None) => {
+                let n = self.count(t, "`times`")?;
+                RepeatItems::Times(self.capped(n, t.pos, "`repeat.times`"))
+            }
             (None, Some(i)) => {
+                if i.as_seq().is_some_and(|s| s.is_empty()) {
+                    self.diags
+                        .error(i.pos, "`repeat.items` is empty: the step would never run");
+                }
                 let mut values = Vec::new();
                 for v in self.seq(i, "`items`") {
                     if let Some(t) = self.text(v, "a repeat item") {
                         values.push(t.value);
                     }
+                }
+                if values.len() > MAX_ITERATIONS {
+                    self.diags.error(
+                        i.pos,
+                        format!(
+                            "`repeat.items` has {} items; stagehand runs at most {MAX_ITERATIONS} copies of a step",
+                            values.len()
+                        ),
+                    );
+                    values.truncate(1);
                 }
                 RepeatItems::Items(values)
             }
@@ -1924,6 +2051,19 @@ impl Loader<'_> {
         })
     }
 
+    /// `count` copies of a step, or (after an error) one: a file asking for millions must
+    /// not make planning and validation allocate them.
+    fn capped(&mut self, count: usize, pos: Pos, what: &str) -> usize {
+        if count <= MAX_ITERATIONS {
+            return count;
+        }
+        self.diags.error(
+            pos,
+            format!("{what} of {count} is more than stagehand runs: at most {MAX_ITERATIONS} copies of a step"),
+        );
+        1
+    }
+
     fn count(&mut self, n: &Node, what: &str) -> Option<usize> {
         match n.as_text().map(|t| t.parse::<usize>()) {
             Some(Ok(c)) if c >= 1 => Some(c),
@@ -1934,6 +2074,64 @@ impl Loader<'_> {
                     format!("{what} must be a whole number of at least 1"),
                 );
                 None
+            }
+        }
+    }
+}
+
+/// The most steps one stage may expand to (group strategies times step strategies).
+pub const MAX_STAGE_STEPS: usize = 10_000;
+
+/// How many steps `items` become once every looping strategy is expanded (saturating).
+fn expanded_steps(items: &[Item]) -> usize {
+    fn copies(s: Option<&Strategy>) -> usize {
+        match s {
+            None => 1,
+            Some(Strategy::Parallelism { count, .. }) => *count,
+            Some(Strategy::Repeat {
+                items: RepeatItems::Times(n),
+                ..
+            }) => *n,
+            Some(Strategy::Repeat {
+                items: RepeatItems::Items(v),
+                ..
+            }) => v.len(),
+            Some(Strategy::Matrix { axes, .. }) => axes
+                .iter()
+                .fold(1usize, |n, (_, v)| n.saturating_mul(v.len())),
+        }
+    }
+    items
+        .iter()
+        .map(|i| match i {
+            Item::Step(s) => copies(s.strategy.as_ref()),
+            Item::Parallel(m, _) => expanded_steps(m),
+            Item::Group(g) => copies(g.strategy.as_ref()).saturating_mul(expanded_steps(&g.steps)),
+        })
+        .fold(0usize, usize::saturating_add)
+}
+
+/// Make every looping strategy in `items` one copy (after the size was reported), keeping its
+/// kind and axes so later checks of `<+matrix.x>` or `<+strategy.iteration>` stay quiet.
+fn clamp_strategies(items: &mut [Item]) {
+    fn clamp(s: &mut Option<Strategy>) {
+        match s {
+            None => {}
+            Some(Strategy::Parallelism { count, .. }) => *count = 1,
+            Some(Strategy::Repeat { items, .. }) => match items {
+                RepeatItems::Times(n) => *n = 1,
+                RepeatItems::Items(v) => v.truncate(1),
+            },
+            Some(Strategy::Matrix { axes, .. }) => axes.iter_mut().for_each(|(_, v)| v.truncate(1)),
+        }
+    }
+    for i in items {
+        match i {
+            Item::Step(s) => clamp(&mut s.strategy),
+            Item::Parallel(m, _) => clamp_strategies(m),
+            Item::Group(g) => {
+                clamp(&mut g.strategy);
+                clamp_strategies(&mut g.steps);
             }
         }
     }

@@ -120,12 +120,26 @@ pub fn validate(p: &Pipeline, source: &str, diags: &mut Diagnostics) {
             {
                 v.template(t, scope, diags);
             }
+            // Where this step is in the stage's order: a service planned after it has not
+            // started when it runs, and the scheduler waits only for started services.
+            let here = plan_steps
+                .iter()
+                .position(|p| p.pos == step.pos && p.id == step.id);
             for d in &s.depends_on {
                 let services: Vec<&str> = plan_steps
                     .iter()
                     .filter(|p| p.kind == StepKind::Background)
                     .flat_map(|p| [p.id.as_str(), p.identifier.as_str()])
                     .collect();
+                let first = plan_steps.iter().position(|p| {
+                    p.kind == StepKind::Background && (p.id == d.value || p.identifier == d.value)
+                });
+                if let (Some(here), Some(at)) = (here, first) {
+                    if at > here {
+                        diags.error(d.pos, format!("`dependsOn` names `{}`, which starts after `{}`: a step can only wait for services started before it", d.value, step.id));
+                        continue;
+                    }
+                }
                 if !services.contains(&d.value.as_str()) {
                     let hint = did_you_mean(&d.value, &services)
                         .map(|x| format!(" (did you mean `{x}`?)"))

@@ -114,8 +114,35 @@ pub struct YamlError {
     pub message: String,
 }
 
+/// The stack the parser runs on. serde-saphyr recurses once per nesting level and stops at
+/// 64 levels, but an unoptimised build spends about 30 KiB of stack per level: 64 levels
+/// overflow the 2 MiB of a test or tokio worker thread (an abort, not an error).
+const PARSE_STACK: usize = 16 << 20;
+
 /// Parse one YAML document.
 pub fn parse(text: &str) -> Result<Node, YamlError> {
+    std::thread::scope(|s| {
+        std::thread::Builder::new()
+            .name("stagehand-yaml".into())
+            .stack_size(PARSE_STACK)
+            .spawn_scoped(s, || parse_here(text))
+            .map(|h| h.join())
+    })
+    // No thread (resource limits): parse on this one; a panic is the parser's and goes on.
+    .map(|joined| joined.unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    .unwrap_or_else(|_| parse_here(text))
+}
+
+fn parse_here(text: &str) -> Result<Node, YamlError> {
+    // YAML reads a carriage return on its own as a line break; everything that shows a line
+    // (snippets, `str::lines`) does not, so every later line number would be off by one.
+    if let Some(pos) = lone_carriage_return(text) {
+        return Err(YamlError {
+            pos,
+            message: "a carriage return without a line feed (old Mac line endings): use LF or CRLF"
+                .into(),
+        });
+    }
     let options = serde_saphyr::options! {
         // YAML 1.2 booleans only: `on`, `y` and `no` stay strings, as in Harness's own parser.
         strict_booleans: true,
@@ -131,12 +158,94 @@ pub fn parse(text: &str) -> Result<Node, YamlError> {
                     col: l.column() as u32,
                 })
                 .unwrap_or(Pos { line: 1, col: 1 });
-            YamlError {
-                pos,
-                message: first_line(&e.to_string()),
+            let mut message = first_line(&e.to_string());
+            message = limit_message(&message).unwrap_or(message);
+            if message.contains("unknown anchor") {
+                if let Some(name) = alias_at(text, pos) {
+                    message = format!(
+                        "alias `*{name}` names no anchor: an anchor (`&{name}`) must be defined earlier in the same file"
+                    );
+                }
             }
+            YamlError { pos, message }
         })?;
     Ok(into_node(spanned))
+}
+
+/// serde-saphyr's resource limits and document count in words (its own text is
+/// `budget breached: Depth { depth: 65 }` or names its API).
+fn limit_message(m: &str) -> Option<String> {
+    let number = |key: &str| -> String {
+        m.split(key)
+            .nth(1)
+            .map(|r| {
+                r.chars()
+                    .skip_while(|c| !c.is_ascii_digit())
+                    .take_while(char::is_ascii_digit)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    if m.starts_with("multiple YAML documents detected") {
+        return Some(
+            "a second YAML document (after `---`): a pipeline file holds one document".into(),
+        );
+    }
+    if m.starts_with("recursion limit exceeded") {
+        return Some("the document nests too deeply to read".into());
+    }
+    let rest = m.strip_prefix("budget breached: ")?;
+    Some(if rest.starts_with("Depth") {
+        format!(
+            "the document nests {} levels deep, more than stagehand reads",
+            number("depth")
+        )
+    } else if rest.starts_with("Nodes") || rest.starts_with("Aliases") || rest.starts_with("Events")
+    {
+        "the document is too large once its aliases are expanded (each `*alias` repeats its anchor's whole value)".into()
+    } else if rest.starts_with("Anchors") {
+        format!(
+            "the document defines more than {} anchors",
+            number("anchors")
+                .parse::<u64>()
+                .map_or(0, |n| n.saturating_sub(1))
+        )
+    } else if rest.starts_with("Documents") {
+        "the file holds too many YAML documents".into()
+    } else {
+        format!("the document exceeds a size limit ({rest})")
+    })
+}
+
+/// Where the first `\r` not followed by `\n` is, counting lines as `str::lines` does.
+fn lone_carriage_return(text: &str) -> Option<Pos> {
+    let bytes = text.as_bytes();
+    let at = bytes
+        .iter()
+        .enumerate()
+        .position(|(i, b)| *b == b'\r' && bytes.get(i + 1) != Some(&b'\n'))?;
+    let before = &text[..at];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    Some(Pos {
+        line: line as u32,
+        col: col as u32,
+    })
+}
+
+/// The alias name (`*name`) written at `pos`, if there is one.
+fn alias_at(text: &str, pos: Pos) -> Option<String> {
+    let line = text.lines().nth((pos.line as usize).checked_sub(1)?)?;
+    let rest: String = line
+        .chars()
+        .skip((pos.col as usize).checked_sub(1)?)
+        .collect();
+    let name: String = rest
+        .strip_prefix('*')?
+        .chars()
+        .take_while(|c| !c.is_whitespace() && !",[]{}".contains(*c))
+        .collect();
+    (!name.is_empty()).then_some(name)
 }
 
 fn first_line(s: &str) -> String {
@@ -322,6 +431,42 @@ mod tests {
     fn syntax_error_has_position() {
         let e = parse("a: [1, 2\nb: 3\n").unwrap_err();
         assert!(e.pos.line >= 1, "{e:?}");
+    }
+
+    #[test]
+    fn resource_limits_are_put_in_words() {
+        let deep = format!(
+            "a:\n{}",
+            (1..100)
+                .map(|i| format!("{}k:\n", "  ".repeat(i)))
+                .collect::<String>()
+        );
+        let e = parse(&deep).unwrap_err();
+        assert!(e.message.starts_with("the document nests "), "{e:?}");
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..8u8 {
+            let (prev, this) = ((b'a' + i - 1) as char, (b'a' + i) as char);
+            bomb.push_str(&format!(
+                "{this}: &{this} [{}]\n",
+                vec![format!("*{prev}"); 10].join(", ")
+            ));
+        }
+        let e = parse(&bomb).unwrap_err();
+        assert!(e.message.contains("aliases are expanded"), "{e:?}");
+    }
+
+    #[test]
+    fn a_lone_carriage_return_is_refused_at_its_place() {
+        assert!(parse("a: 1\r\nb: 2\r\n").is_ok());
+        let e = parse("a: 1\nbb: 2\r\rc: 3\n").unwrap_err();
+        assert_eq!(e.pos, Pos { line: 2, col: 6 }, "{e:?}");
+    }
+
+    #[test]
+    fn an_unknown_alias_is_named() {
+        let e = parse("a: 1\nb: *missing\n").unwrap_err();
+        assert_eq!(e.pos, Pos { line: 2, col: 4 }, "{e:?}");
+        assert!(e.message.contains("`*missing`"), "{e:?}");
     }
 
     #[test]

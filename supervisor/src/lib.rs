@@ -21,6 +21,7 @@ pub mod signals;
 pub mod slirp;
 pub mod stage;
 mod sys;
+pub mod userns;
 
 /// Every failure the supervisor reports, one variant per failure domain.
 #[derive(Debug, thiserror::Error)]
@@ -44,4 +45,7 @@ pub enum Error {
     /// Setting up or tearing down a stage sandbox failed.
     #[error(transparent)]
     Stage(#[from] stage::StageError),
+    /// Entering the rootless user namespace failed.
+    #[error(transparent)]
+    Userns(#[from] userns::UsernsError),
 }

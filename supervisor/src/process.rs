@@ -241,7 +241,7 @@ pub enum OutputTarget {
 /// Everything needed to start one process.
 ///
 /// The pre-exec hooks run in the child in this order: `cgroup_procs`, `netns`,
-/// `private_mounts`, `user`, `parent_death_signal`; then the program is exec'd.
+/// `private_mounts`, `user` (or `keep_id`), `parent_death_signal`; then the program is exec'd.
 #[derive(Debug)]
 pub struct SpawnSpec {
     /// Program and arguments. `argv[0]` is looked up in the `PATH` of `env` (or
@@ -253,6 +253,10 @@ pub struct SpawnSpec {
     pub cwd: PathBuf,
     /// Switch to this identity before exec (needs root).
     pub user: Option<UserSpec>,
+    /// In a rootless stage: enter a nested user namespace with these `uid_map` and `gid_map`
+    /// lines before exec (see [`crate::userns::keep_id_maps`]), so the program runs as the
+    /// user's own ids instead of root of stagehand's namespace. Exclusive with `user`.
+    pub keep_id: Option<(String, String)>,
     /// Start a new process group with pgid = pid, so [`stop`] reaches the whole job.
     pub process_group: bool,
     /// Signal sent to the child when stagehand dies (`PR_SET_PDEATHSIG`).
@@ -291,6 +295,7 @@ impl SpawnSpec {
             env: env.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
             cwd: cwd.into(),
             user: None,
+            keep_id: None,
             process_group: false,
             parent_death_signal: None,
             stdin: Stdin::Null,
@@ -482,6 +487,64 @@ pub async fn stop(child: &Child, signal: i32, grace: Duration) -> ExitStatus {
         }
     }
     status
+}
+
+/// SIGKILLs every descendant of this process (found by parent pid in `/proc`), repeatedly
+/// until none is left or `rounds` passes are done, and returns the pids signalled.
+///
+/// For teardown without cgroups (rootless on cgroup v1): stagehand is a child subreaper, so a
+/// process that left its step's process group with `setsid` and lost its parent is our child
+/// now, and this reaches it. Never call it while anything of ours should keep running.
+pub fn kill_descendants(rounds: usize) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    let mut killed = Vec::new();
+    for _ in 0..rounds {
+        let parents = proc_parents();
+        let mut tree = vec![me];
+        let mut found = Vec::new();
+        while let Some(p) = tree.pop() {
+            for (&pid, _) in parents.iter().filter(|(_, ppid)| **ppid == p) {
+                found.push(pid);
+                tree.push(pid);
+            }
+        }
+        if found.is_empty() {
+            break;
+        }
+        for pid in found {
+            if sys::kill(pid, libc::SIGKILL).is_ok() && !killed.contains(&pid) {
+                killed.push(pid);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    killed
+}
+
+/// pid → parent pid of every process (threads are not listed in `/proc`).
+fn proc_parents() -> std::collections::HashMap<i32, i32> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in dir.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // `pid (comm) state ppid ...`: comm may hold spaces and parentheses, so read after
+        // the last `)`.
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse().ok());
+        if let Some(ppid) = ppid {
+            out.insert(pid, ppid);
+        }
+    }
+    out
 }
 
 /// Reads `fd` (the read end of a pipe, e.g. from [`Child::take_stdout`]) until EOF and calls
@@ -714,6 +777,7 @@ fn prepare(spec: SpawnSpec) -> Result<Prepared, ProcessError> {
         env,
         cwd,
         user,
+        keep_id,
         process_group,
         parent_death_signal,
         stdin,
@@ -800,6 +864,7 @@ fn prepare(spec: SpawnSpec) -> Result<Prepared, ProcessError> {
         || netns.is_some()
         || !private_mounts.is_empty()
         || user.is_some()
+        || keep_id.is_some()
         || parent_death_signal.is_some();
     let mut describe = SetupDescriptions::default();
     let mut report = None;
@@ -836,6 +901,15 @@ fn prepare(spec: SpawnSpec) -> Result<Prepared, ProcessError> {
                 gid: u.gid,
                 groups: u.groups,
             }),
+            keep_id: match keep_id {
+                Some((uid_map, gid_map)) => Some((
+                    std::ffi::CString::new(uid_map)
+                        .map_err(|e| prep_err("user namespace map")(io::Error::other(e)))?,
+                    std::ffi::CString::new(gid_map)
+                        .map_err(|e| prep_err("user namespace map")(io::Error::other(e)))?,
+                )),
+                None => None,
+            },
             parent_death_signal,
             parent_pid: std::process::id() as libc::pid_t,
             report: report_w,
@@ -923,6 +997,12 @@ fn describe_stage(describe: &SetupDescriptions, stage: SetupStage, index: usize)
             "pass descriptor {}",
             describe.inherit.get(index).copied().unwrap_or(-1)
         ),
+        SetupStage::UserNamespace => match index {
+            0 => "create a user namespace".to_owned(),
+            1 => "deny setgroups in the user namespace".to_owned(),
+            2 => "write the user namespace's uid map".to_owned(),
+            _ => "write the user namespace's gid map".to_owned(),
+        },
     }
 }
 

@@ -526,6 +526,10 @@ impl Stage {
         if let Some(ns) = &self.netns {
             spec.netns = Some(ns.fd()?);
         }
+        // Rootless: stagehand is root of its own user namespace; the step runs as the user.
+        if spec.user.is_none() && spec.keep_id.is_none() {
+            spec.keep_id = crate::userns::keep_id_maps();
+        }
         if nix::unistd::geteuid().is_root() {
             let mut files = vec![(&self.hosts, "/etc/hosts")];
             if let Some(r) = &self.resolv {
@@ -626,6 +630,15 @@ impl Stage {
         for (_, cg) in steps.iter().rev() {
             if let Err(e) = cg.kill_all() {
                 errors.push(e.to_string());
+            }
+        }
+        // Rootless without cgroups: process groups were stopped step by step; what escaped
+        // them (setsid) has been reparented to us, the subreaper. Nothing of the stage may
+        // outlive it.
+        if self.hierarchy.is_none() && crate::userns::in_user_namespace() {
+            let killed = process::kill_descendants(50);
+            if !killed.is_empty() {
+                tracing::debug!(?killed, "killed processes that escaped their step");
             }
         }
         let recorded = self.state();

@@ -111,6 +111,7 @@ pub(crate) enum SetupStage {
     ParentDeathSignal = 9,
     ParentGone = 10,
     InheritFd = 11,
+    UserNamespace = 12,
 }
 
 impl SetupStage {
@@ -127,6 +128,7 @@ impl SetupStage {
             9 => Self::ParentDeathSignal,
             10 => Self::ParentGone,
             11 => Self::InheritFd,
+            12 => Self::UserNamespace,
             _ => return None,
         })
     }
@@ -156,6 +158,9 @@ pub(crate) struct ChildSetup {
     /// `(src, dst)` bind mounts applied in a fresh mount namespace.
     pub mounts: Vec<(CString, CString)>,
     pub user: Option<ChildUser>,
+    /// A nested user namespace with these `uid_map` and `gid_map` lines (the user's own ids,
+    /// see `userns::keep_id_maps`); exclusive with `user`.
+    pub keep_id: Option<(CString, CString)>,
     pub parent_death_signal: Option<libc::c_int>,
     /// `getpid()` of stagehand, to detect that it died before the pdeathsig was armed.
     pub parent_pid: libc::pid_t,
@@ -256,6 +261,25 @@ impl ChildSetup {
                 return Err(self.fail(io::Error::last_os_error(), SetupStage::Setuid, 0));
             }
         }
+        // (d') or become the user again in a nested user namespace: `setgroups` must be
+        // denied before an unprivileged process may write its own gid map.
+        if let Some((uid_map, gid_map)) = &self.keep_id {
+            // SAFETY: unshare takes a flag word only; the child is single-threaded after fork,
+            // which CLONE_NEWUSER requires.
+            if unsafe { libc::unshare(libc::CLONE_NEWUSER) } == -1 {
+                return Err(self.fail(io::Error::last_os_error(), SetupStage::UserNamespace, 0));
+            }
+            let files: [(&std::ffi::CStr, &[u8]); 3] = [
+                (c"/proc/self/setgroups", b"deny"),
+                (c"/proc/self/uid_map", uid_map.as_bytes()),
+                (c"/proc/self/gid_map", gid_map.as_bytes()),
+            ];
+            for (index, (path, text)) in files.iter().enumerate() {
+                if let Err(err) = write_file(path, text) {
+                    return Err(self.fail(err, SetupStage::UserNamespace, index + 1));
+                }
+            }
+        }
         // (e) last, because a credential change clears the parent-death signal (prctl(2),
         // PR_SET_PDEATHSIG).
         if let Some(sig) = self.parent_death_signal {
@@ -290,6 +314,27 @@ impl ChildSetup {
     }
 }
 
+/// Removes `key` from our environment. Only for the first moments of `main`, before any
+/// thread exists (the reason `remove_var` is unsafe).
+pub(crate) fn remove_env_single_threaded(key: &str) {
+    // SAFETY: called from `userns::enter_child`, which its contract confines to a
+    // single-threaded process, so no other thread can be reading the environment.
+    unsafe { std::env::remove_var(key) }
+}
+
+/// Takes ownership of a descriptor number our parent passed us, if it is open.
+pub(crate) fn own_inherited_fd(fd: libc::c_int) -> Option<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only queries the descriptor table.
+    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+        return None;
+    }
+    // SAFETY: the descriptor is open (checked above) and nothing else in this process knows
+    // its number: it was inherited for exactly this purpose, named in an environment variable
+    // that `enter_child` reads once.
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// Registers `setup` to run in the child between fork and exec.
 pub(crate) fn install_child_setup(cmd: &mut Command, setup: ChildSetup) {
     // SAFETY: the closure runs in the forked child of a multi-threaded parent. ChildSetup::apply
@@ -300,6 +345,19 @@ pub(crate) fn install_child_setup(cmd: &mut Command, setup: ChildSetup) {
     unsafe {
         cmd.pre_exec(move || setup.apply());
     }
+}
+
+/// open(2) + write(2) + close(2) of a whole small file; no allocation.
+fn write_file(path: &std::ffi::CStr, bytes: &[u8]) -> io::Result<()> {
+    // SAFETY: `path` is NUL-terminated and alive for the call.
+    let fd = unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+    if fd == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    let result = write_all(fd, bytes);
+    // SAFETY: `fd` was opened above and is closed exactly once.
+    unsafe { libc::close(fd) };
+    result
 }
 
 /// write(2) until `bytes` is written or an error occurs; no allocation.
@@ -379,6 +437,7 @@ mod tests {
             SetupStage::ParentDeathSignal,
             SetupStage::ParentGone,
             SetupStage::InheritFd,
+            SetupStage::UserNamespace,
         ] {
             assert_eq!(SetupStage::from_byte(stage as u8), Some(stage));
         }

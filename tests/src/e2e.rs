@@ -32,6 +32,15 @@ use crate::bin_path::{stagehand_bin, workspace_root};
 /// every host step.
 pub const MARKER_ENV: &str = "STAGEHAND_E2E_MARKER";
 
+/// Set to a user name to start every stagehand of a suite as that ordinary user (the rootless
+/// rerun of the suites: see [`crate::rootless`]); the test itself still runs as root.
+pub const AS_USER_ENV: &str = "STAGEHAND_E2E_AS_USER";
+
+/// Whether this run of the suites starts stagehand as an ordinary user.
+pub fn rootless_rerun() -> bool {
+    std::env::var_os(AS_USER_ENV).is_some_and(|v| !v.is_empty())
+}
+
 /// How long a single stagehand run may take before the test gives up on it.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(25);
 
@@ -92,6 +101,9 @@ impl Workspace {
             .prefix(&format!("{marker}-ws-"))
             .tempdir()
             .expect("create a temp workspace");
+        if rootless_rerun() {
+            crate::rootless::user().own(dir.path());
+        }
         Workspace {
             marker,
             dir: Some(dir),
@@ -151,6 +163,9 @@ pub struct StagehandCmd {
     marker: String,
     args: Vec<OsString>,
     envs: Vec<(OsString, OsString)>,
+    /// Run as another user: the wrapper argv (e.g. `setpriv --reuid ...`), the binary to run
+    /// and the working directory (see [`StagehandCmd::via`]).
+    via: Option<(Vec<OsString>, PathBuf, PathBuf)>,
 }
 
 impl StagehandCmd {
@@ -160,12 +175,27 @@ impl StagehandCmd {
             marker: marker.to_string(),
             args: Vec::new(),
             envs: Vec::new(),
+            via: None,
         }
+    }
+
+    /// Start `bin` through `wrapper` (which execs it, keeping the pid: `setpriv`), in `cwd`,
+    /// instead of the workspace's binary in `tests/`: how the rootless suite runs stagehand
+    /// as an ordinary user who cannot read the checkout.
+    pub fn via(mut self, wrapper: Vec<OsString>, bin: PathBuf, cwd: PathBuf) -> Self {
+        self.via = Some((wrapper, bin, cwd));
+        self
     }
 
     /// Append one argument.
     pub fn arg(mut self, a: impl AsRef<OsStr>) -> Self {
         self.args.push(a.as_ref().to_os_string());
+        self
+    }
+
+    /// Rewrite every argument with `f` (e.g. paths into readable copies).
+    pub fn map_args(mut self, f: impl Fn(&OsStr) -> OsString) -> Self {
+        self.args = self.args.iter().map(|a| f(a)).collect();
         self
     }
 
@@ -178,24 +208,39 @@ impl StagehandCmd {
 
     /// Start stagehand with stdout/stderr captured, stdin closed, `tests/fixtures` first on
     /// PATH and the marker in its environment.
-    pub fn spawn(self) -> Running {
+    pub fn spawn(mut self) -> Running {
+        if self.via.is_none() && rootless_rerun() {
+            self = crate::rootless::user().wrap(self);
+        }
         let bin = stagehand_bin();
+        let fixtures = if rootless_rerun() {
+            crate::rootless::readable(&fixtures_dir())
+        } else {
+            fixtures_dir()
+        };
         let path = match std::env::var_os("PATH") {
             Some(p) => {
-                let mut v = fixtures_dir().into_os_string();
+                let mut v = fixtures.clone().into_os_string();
                 v.push(":");
                 v.push(p);
                 v
             }
-            None => fixtures_dir().into_os_string(),
+            None => fixtures.into_os_string(),
         };
-        let mut cmd = std::process::Command::new(&bin);
+        let (mut cmd, cwd) = match &self.via {
+            Some((wrapper, bin, cwd)) => {
+                let mut c = std::process::Command::new(&wrapper[0]);
+                c.args(&wrapper[1..]).arg(bin);
+                (c, cwd.clone())
+            }
+            None => (std::process::Command::new(&bin), tests_dir()),
+        };
         cmd.args(&self.args)
             .env("PATH", path)
             .env(MARKER_ENV, &self.marker)
             .env("NO_COLOR", "1")
             .env_remove("STAGEHAND_LOG")
-            .current_dir(tests_dir())
+            .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());

@@ -237,6 +237,10 @@ pub fn suite_store() -> &'static SuiteStore {
         }
         let rootfs = dir.path().join("rootfs");
         build_busybox_rootfs(&rootfs);
+        // The rootless rerun imports (and later unpacks) as the test user.
+        if crate::e2e::rootless_rerun() {
+            crate::rootless::user().own(dir.path());
+        }
         let root = dir.path().join("store");
         let marker = unique_marker();
         let rootfs_arg = rootfs.as_os_str();

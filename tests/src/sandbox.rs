@@ -24,6 +24,16 @@ use crate::e2e::{Finished, RUN_TIMEOUT, Running, StagehandCmd, assert_no_leaks};
 /// Where stagehand keeps run directories when it runs as root.
 pub const RUN_BASE: &str = "/run/stagehand";
 
+/// Where runs of this suite live: [`RUN_BASE`], or the test user's `/tmp/stagehand-<uid>` in
+/// the rootless rerun.
+pub fn run_base() -> PathBuf {
+    if crate::e2e::rootless_rerun() {
+        crate::rootless::user().run_base()
+    } else {
+        PathBuf::from(RUN_BASE)
+    }
+}
+
 /// Where the cgroup hierarchies are mounted.
 pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
@@ -82,7 +92,7 @@ pub fn run_id(out: &Finished) -> String {
 
 /// The directory of run `run_id`.
 pub fn run_dir(run_id: &str) -> PathBuf {
-    Path::new(RUN_BASE).join(run_id)
+    run_base().join(run_id)
 }
 
 /// What a run's journal (`<run dir>/state.json`) says.
@@ -135,19 +145,32 @@ fn parse_journal(text: &str) -> Option<Journal> {
     })
 }
 
+/// The parent pid of `pid`, from `/proc/<pid>/stat`.
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// The id of the run whose stagehand has pid `pid`, from the journals under [`RUN_BASE`];
 /// waits up to `timeout` for the journal to be written.
 pub fn run_id_of_pid(pid: i32, timeout: Duration) -> String {
     let deadline = Instant::now() + timeout;
     loop {
-        let found = std::fs::read_dir(RUN_BASE)
+        let found = std::fs::read_dir(run_base())
             .into_iter()
             .flatten()
             .flatten()
             .find_map(|e| {
                 let id = e.file_name().to_string_lossy().into_owned();
+                // Rootless, the journal names the namespace side, a child of the pid the
+                // test started.
                 journal(&id)
-                    .filter(|j| j.pid == pid && !j.finished)
+                    .filter(|j| (j.pid == pid || parent_of(j.pid) == Some(pid)) && !j.finished)
                     .map(|_| id)
             });
         if let Some(id) = found {
@@ -155,7 +178,8 @@ pub fn run_id_of_pid(pid: i32, timeout: Duration) -> String {
         }
         assert!(
             Instant::now() < deadline,
-            "no unfinished journal of stagehand pid {pid} under {RUN_BASE} after {timeout:?}"
+            "no unfinished journal of stagehand pid {pid} under {} after {timeout:?}",
+            run_base().display()
         );
         std::thread::sleep(Duration::from_millis(20));
     }

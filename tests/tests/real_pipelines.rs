@@ -401,11 +401,11 @@ fn validate_in_process(path: &Path, source: &str) -> Diagnostics {
     diags
 }
 
-/// The largest pipeline (about 8,700 lines) validates in under 200 ms. Timed in process (the
-/// tests build the library unoptimised, as the debug binary is), best of five, so the number
-/// is the work itself rather than process start or a busy neighbour.
+/// The largest pipeline (about 8,700 lines) validates without pathological slowness: best of
+/// five, in process, under 2 s (it takes about 110 ms here, unoptimised). A guard against a
+/// quadratic blow-up, not a benchmark: a 200 ms bound failed on a busy CI machine.
 #[test]
-fn the_largest_pipeline_validates_in_under_200ms() {
+fn the_largest_pipeline_validates_without_blowing_up() {
     let _serial = serial();
     let (biggest, source) = corpus_files()
         .into_iter()
@@ -438,7 +438,7 @@ fn the_largest_pipeline_validates_in_under_200ms() {
         .min()
         .unwrap();
     assert!(
-        best < Duration::from_millis(200),
+        best < Duration::from_secs(2),
         "{} ({lines} lines) took {best:?} to validate",
         biggest.display()
     );

@@ -145,7 +145,10 @@ impl Containers {
         let dir = self.dir.join(&step.id);
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let layers = {
+        // containerd unpacks the image with its own snapshotter (see `containerd_rootfs`).
+        let layers = if matches!(self.backend, Backend::Containerd { .. }) {
+            Vec::new()
+        } else {
             let guard = self.store.write_guard().map_err(|e| e.to_string())?;
             // Unpacking a large image the first time takes seconds: say so, and how long.
             let todo = self.layers_to_unpack(&image_id);
@@ -173,12 +176,30 @@ impl Containers {
         if let Some(st) = stage {
             st.record_mount(&rootfs_path).map_err(|e| e.to_string())?;
         }
-        let rootfs = Rootfs::create(&dir, &layers)
-            .map_err(|e| format!("root filesystem for `{image}`: {e}"))?;
+        let rootfs = match &self.backend {
+            Backend::Runc => Some(
+                Rootfs::create(&dir, &layers)
+                    .map_err(|e| format!("root filesystem for `{image}`: {e}"))?,
+            ),
+            Backend::Containerd { address, namespace } => {
+                let lease = self.containerd_lease();
+                containerd_rootfs(
+                    address,
+                    namespace,
+                    &lease,
+                    &self.store,
+                    &image_id,
+                    image,
+                    &id,
+                    &dir,
+                )?;
+                None
+            }
+        };
         let container = Container {
             id: id.clone(),
             dir: dir.clone(),
-            rootfs: std::sync::Mutex::new(Some(rootfs)),
+            rootfs: std::sync::Mutex::new(rootfs),
         };
         match self.bundle(exec, step, stage, limits, &image_id, &container) {
             Ok((argv, outputs)) => {
@@ -341,14 +362,18 @@ impl Containers {
         cs.cgroups_path = stage
             .and_then(|s| s.cgroup_rel(&step.id))
             .map(|p| p.display().to_string());
-        let l = limits;
-        cs.resources = Resources {
-            memory: l.memory_bytes.map(|b| b as i64),
-            memory_swap: l.memory_bytes.map(|b| b as i64),
-            cpu_quota: l.cpu_millis.map(|m| (m * 100) as i64),
-            cpu_period: l.cpu_millis.map(|_| 100_000),
-            pids: l.pids.map(|p| p as i64),
-        };
+        // Limits need a cgroup: without one (rootless without delegation) the runtime would
+        // refuse them, and the run has already said they are not enforced.
+        if cs.cgroups_path.is_some() {
+            let l = limits;
+            cs.resources = Resources {
+                memory: l.memory_bytes.map(|b| b as i64),
+                memory_swap: l.memory_bytes.map(|b| b as i64),
+                cpu_quota: l.cpu_millis.map(|m| (m * 100) as i64),
+                cpu_period: l.cpu_millis.map(|_| 100_000),
+                pids: l.pids.map(|p| p as i64),
+            };
+        }
         cs.privileged = step.privileged;
         cs.init = self.init.clone();
         let built = spec::build(&cs, &self.host)
@@ -471,6 +496,65 @@ fn containerd_argv(
 #[cfg(not(feature = "containerd"))]
 fn containerd_argv(_: &Path, _: &str, _: &Path, _: &str) -> Result<Vec<OsString>, String> {
     Err(NO_CONTAINERD.into())
+}
+
+/// The container's root filesystem from containerd's snapshotter (the image imported into
+/// containerd's content store first if need be), under the stage's lease.
+#[cfg(feature = "containerd")]
+#[allow(clippy::too_many_arguments)]
+fn containerd_rootfs(
+    address: &Path,
+    namespace: &str,
+    lease: &str,
+    store: &Store,
+    image_id: &stagehand_oci::store::ImageId,
+    image: &str,
+    id: &str,
+    bundle: &Path,
+) -> Result<(), String> {
+    super::containerd::prepare_rootfs(
+        address, namespace, lease, store, image_id, image, id, bundle,
+    )
+    .map(|_| ())
+    .map_err(|e| format!("root filesystem for `{image}` in containerd: {e}"))
+}
+
+#[cfg(not(feature = "containerd"))]
+#[allow(clippy::too_many_arguments)]
+fn containerd_rootfs(
+    _: &Path,
+    _: &str,
+    _: &str,
+    _: &Store,
+    _: &stagehand_oci::store::ImageId,
+    _: &str,
+    _: &str,
+    _: &Path,
+) -> Result<(), String> {
+    Err(NO_CONTAINERD.into())
+}
+
+impl Containers {
+    /// The stage's containerd lease: `stagehand-<run>-<stage>`.
+    fn containerd_lease(&self) -> String {
+        let stage = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        format!("{}-{stage}", self.id_prefix)
+    }
+}
+
+/// The stage is over once its containers are dropped: its containerd lease goes, so
+/// containerd collects what the stage created and nothing else holds.
+#[cfg(feature = "containerd")]
+impl Drop for Containers {
+    fn drop(&mut self) {
+        if let Backend::Containerd { address, namespace } = &self.backend {
+            if let Err(e) =
+                super::containerd::end_stage(address, namespace, &self.containerd_lease())
+            {
+                tracing::warn!(error = %e, "containerd: delete the stage's lease");
+            }
+        }
+    }
 }
 
 /// Docker's `Healthcheck` config: `Test` (`["CMD", ...]`, `["CMD-SHELL", "..."]`, `["NONE"]`),

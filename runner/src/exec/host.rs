@@ -167,9 +167,26 @@ impl HostExecutor {
             outputs_file = Some(path);
         }
         let path = self.dir.join(format!("{}.{}", step.id, extension(shell)));
-        std::fs::write(&path, script).map_err(|e| format!("write {}: {e}", path.display()))?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))
-            .map_err(|e| e.to_string())?;
+        // The script holds rendered secrets: only the step's own user may read it. Created
+        // 0600 before a byte is written (the shell reads it; nothing executes it), then given
+        // to the step's user.
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let _ = std::fs::remove_file(&path);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| format!("write {}: {e}", path.display()))?;
+            f.write_all(script.as_bytes())
+                .map_err(|e| format!("write {}: {e}", path.display()))?;
+        }
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                .map_err(|e| format!("chown {}: {e}", path.display()))?;
+        }
         let p = seen(&path).display().to_string();
         let argv = match shell {
             Shell::Sh => vec!["sh".into(), "-e".into(), p],
@@ -250,6 +267,9 @@ impl HostExecutor {
     ) -> Result<Spawned, String> {
         if step.image.is_some() {
             return self.spawn_container(step, out, abort);
+        }
+        if let Some(note) = rootless_run_as_note(step) {
+            out.line(&step.id, &note);
         }
         let (mut spec, outputs) = self.prepare(step)?;
         let sandbox = match self.stage() {
@@ -585,9 +605,22 @@ async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
         return Err("no exec probe".into());
     };
     let mut argv: Vec<OsString> = e.runtime_exec.clone().unwrap_or_default();
-    argv.extend(["sh".into(), "-c".into(), OsString::from(&e.command)]);
+    // The command reaches the shell on its stdin, never on an argv: argv is world-readable
+    // in /proc/<pid>/cmdline (also `runc exec`'s, on the host), and the command may hold a
+    // rendered secret. `eval` then runs it with stdin from /dev/null, as `sh -c` did.
+    argv.extend([
+        "sh".into(),
+        "-c".into(),
+        "eval \"$(cat)\" </dev/null".into(),
+    ]);
+    let (command_in, mut command_out) = std::io::pipe().map_err(|e| e.to_string())?;
     let mut spec = SpawnSpec::new(argv, e.env.clone(), &e.cwd);
+    spec.stdin = process::Stdin::Fd(command_in.into());
     spec.user = e.user.clone();
+    if e.runtime_exec.is_none() && spec.user.is_none() {
+        // Rootless: probe as the user, like the service.
+        spec.keep_id = stagehand_supervisor::userns::keep_id_maps();
+    }
     spec.output = OutputTarget::Null;
     spec.process_group = true;
     spec.parent_death_signal = Some(libc::SIGKILL);
@@ -605,6 +638,13 @@ async fn exec_probe(ctx: &Arc<ProbeCtx>) -> Result<(), String> {
         );
     }
     let child = process::spawn(spec).map_err(|e| e.to_string())?;
+    // From a thread: a command longer than the pipe's buffer must not block the probe loop,
+    // and a shell that died early just makes the write fail.
+    let command = e.command.clone();
+    std::thread::spawn(move || {
+        use std::io::Write as _;
+        let _ = command_out.write_all(command.as_bytes());
+    });
     // Dropped by the caller's timeout: the group is killed so no probe outlives its turn.
     struct Kill<'a>(&'a Child);
     impl Drop for Kill<'_> {
@@ -1058,12 +1098,38 @@ pub struct HostUser {
     pub home: String,
 }
 
-/// The host identity a step's `runAsUser` names, if any.
+/// The host identity a step's `runAsUser` names, if any. Rootless, host steps always run as
+/// the user (see [`rootless_run_as_note`]).
 fn step_user(step: &ResolvedStep) -> Result<Option<HostUser>, String> {
+    if stagehand_supervisor::userns::in_user_namespace() {
+        return Ok(None);
+    }
     match &step.run_as_user {
         Some(u) if !u.trim().is_empty() => lookup_user(u.trim()).map(Some),
         _ => Ok(None),
     }
+}
+
+/// Rootless, a host step's `runAsUser` naming someone else cannot be honoured (only root can
+/// become another user): the note said in the step's output.
+fn rootless_run_as_note(step: &ResolvedStep) -> Option<String> {
+    use stagehand_supervisor::userns;
+    let wanted = step
+        .run_as_user
+        .as_deref()
+        .map(str::trim)
+        .filter(|u| !u.is_empty())?;
+    if !userns::in_user_namespace() || step.image.is_some() {
+        return None;
+    }
+    let me = userns::host_uid();
+    let name = userns::user_name(me).unwrap_or_else(|| me.to_string());
+    if wanted == name || wanted == me.to_string() {
+        return None;
+    }
+    Some(format!(
+        "[stagehand] runAsUser `{wanted}` is not applied: a rootless stagehand runs host steps as you ({name})"
+    ))
 }
 
 /// `runAsUser`: a uid or a user name, looked up in /etc/passwd and /etc/group.
