@@ -1189,23 +1189,26 @@ fn rootless_caps(a: &RunArgs, console: &Console) -> Result<RootlessCaps, String>
             outbound: true,
         });
     }
-    let why = crate::doctor::limits_gap();
-    if a.require_limits {
-        return Err(format!(
-            "--require-limits: resource limits cannot be enforced here: {why}"
-        ));
-    }
-    console.status(&format!(
-        "    warning: resource limits cannot be enforced: {why}; steps run without memory, CPU and pids limits (--require-limits refuses instead)"
-    ));
+    // A cgroup v2 subtree delegated to the user: limits as for root.
+    let cgroups = match crate::doctor::rootless_limits() {
+        Ok(_) => true,
+        Err(why) => {
+            if a.require_limits {
+                return Err(format!(
+                    "--require-limits: resource limits cannot be enforced here: {why}"
+                ));
+            }
+            console.status(&format!(
+                "    warning: resource limits cannot be enforced: {why}; steps run without memory, CPU and pids limits (--require-limits refuses instead)"
+            ));
+            false
+        }
+    };
     let outbound = userns::tun_usable();
     if !outbound && a.network == NetworkArg::Stage {
         console.status("    warning: no outbound network for the stage: /dev/net/tun cannot be opened by this user (slirp4netns needs it; `chmod 0666 /dev/net/tun`, the usual mode, fixes it); loopback, step hostnames and published ports work");
     }
-    Ok(RootlessCaps {
-        cgroups: false,
-        outbound,
-    })
+    Ok(RootlessCaps { cgroups, outbound })
 }
 
 /// Build the stage pod: as root with cgroups, as root of our user namespace (rootless) with

@@ -75,19 +75,42 @@ pub fn run() -> i32 {
     i32::from(worst == Level::Fail)
 }
 
-/// Why a rootless run cannot enforce limits here (what `run` says once).
-pub fn limits_gap() -> String {
+/// Whether a rootless run can put its steps in cgroups with limits: on cgroup v2, when its
+/// own cgroup is a subtree delegated to the user (writable, with memory, cpu and pids
+/// available to enable). `Err` says why not, for `run`'s one warning and for `doctor`.
+pub fn rootless_limits() -> Result<PathBuf, String> {
     match cgroup_layout() {
-        CgroupLayout::V1 => "rootless on cgroup v1, which cannot delegate cgroups to a user (boot with systemd.unified_cgroup_hierarchy=1 for cgroup v2)".into(),
-        CgroupLayout::V2 { own, writable: true } => format!(
-            "rootless on cgroup v2: a delegated subtree ({}) is there, but stagehand does not yet place rootless steps in it",
-            own.display()
-        ),
-        CgroupLayout::V2 { own, writable: false } => format!(
+        CgroupLayout::V1 => Err("rootless on cgroup v1, which cannot delegate cgroups to a user (boot with systemd.unified_cgroup_hierarchy=1 for cgroup v2)".into()),
+        CgroupLayout::V2 { own, writable: true } => {
+            let available =
+                std::fs::read_to_string(own.join("cgroup.controllers")).unwrap_or_default();
+            let missing: Vec<&str> = ["memory", "cpu", "pids"]
+                .into_iter()
+                .filter(|c| !available.split_whitespace().any(|a| a == *c))
+                .collect();
+            if missing.is_empty() {
+                Ok(own)
+            } else {
+                Err(format!(
+                    "rootless on cgroup v2: the delegated subtree {} lacks the {} controller(s) (run under `systemd-run --user --scope -p Delegate=yes`, or set Delegate=memory cpu pids for user@.service)",
+                    own.display(),
+                    missing.join(", ")
+                ))
+            }
+        }
+        CgroupLayout::V2 { own, writable: false } => Err(format!(
             "rootless on cgroup v2 without a delegated subtree ({} is not yours; run under `systemd-run --user --scope -p Delegate=yes`)",
             own.display()
-        ),
-        CgroupLayout::Unknown(why) => format!("cgroups unavailable: {why}"),
+        )),
+        CgroupLayout::Unknown(why) => Err(format!("cgroups unavailable: {why}")),
+    }
+}
+
+/// Why a rootless run cannot enforce limits here (what `run` says once).
+pub fn limits_gap() -> String {
+    match rootless_limits() {
+        Ok(own) => format!("none: {} is delegated to you", own.display()),
+        Err(why) => why,
     }
 }
 
@@ -162,15 +185,26 @@ fn cgroups(root: bool) -> Finding {
             "v2 (unified): memory, cpu and pids limits per step".into(),
             None,
         ),
-        (_, false) => finding(
-            Level::Warn,
-            "cgroups",
-            format!("limits are not enforced: {}", limits_gap()),
-            Some(
-                "run as root for limits, or pass --require-limits to refuse running without them"
-                    .into(),
+        (_, false) => match rootless_limits() {
+            Ok(own) => finding(
+                Level::Ok,
+                "cgroups",
+                format!(
+                    "v2, {} delegated to you: memory, cpu and pids limits per step",
+                    own.display()
+                ),
+                None,
             ),
-        ),
+            Err(why) => finding(
+                Level::Warn,
+                "cgroups",
+                format!("limits are not enforced: {why}"),
+                Some(
+                    "run as root for limits, or pass --require-limits to refuse running without them"
+                        .into(),
+                ),
+            ),
+        },
     }
 }
 
@@ -429,7 +463,10 @@ mod tests {
     fn the_limits_gap_names_the_cgroup_version() {
         let gap = limits_gap();
         assert!(
-            gap.contains("cgroup v1") || gap.contains("cgroup v2") || gap.contains("unavailable"),
+            gap.contains("cgroup v1")
+                || gap.contains("cgroup v2")
+                || gap.contains("unavailable")
+                || gap.starts_with("none: "),
             "{gap}"
         );
     }

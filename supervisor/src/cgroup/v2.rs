@@ -131,7 +131,13 @@ impl V2Hierarchy {
                 if error.raw_os_error() == Some(libc::EBUSY) && dir == self.base =>
             {
                 let me = i32::try_from(std::process::id()).unwrap_or(i32::MAX);
-                if evacuate_self(&self.base, me)? {
+                let mut ours = vec![me];
+                // Rootless, the host side of stagehand (our parent, waiting for us) shares the
+                // cgroup: it is ours to move too.
+                if crate::userns::in_user_namespace() {
+                    ours.push(nix::unistd::getppid().as_raw());
+                }
+                if evacuate(&self.base, &ours)? {
                     write_file(&control, &value)
                 } else {
                     Err(CgroupError::NotDelegated {
@@ -151,13 +157,17 @@ impl V2Hierarchy {
     }
 }
 
-/// Moves process `pid` from `base` into `base/`[`SUPERVISOR_LEAF`] if it is the only process
-/// there, so that `base` may enable controllers. `Ok(false)` if others share `base`.
-fn evacuate_self(base: &Path, pid: i32) -> Result<bool, CgroupError> {
+/// Moves the processes of `base` into `base/`[`SUPERVISOR_LEAF`] if every one of them is in
+/// `ours` (stagehand itself, and rootless its host-side parent), so that `base` may enable
+/// controllers. `Ok(false)` if anything else shares `base`.
+fn evacuate(base: &Path, ours: &[i32]) -> Result<bool, CgroupError> {
     let path = base.join("cgroup.procs");
     let procs = read_file(&path)?;
-    let procs: Vec<&str> = procs.split_whitespace().collect();
-    if procs != [pid.to_string().as_str()] {
+    let procs: Vec<i32> = procs
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    if procs.is_empty() || procs.iter().any(|p| !ours.contains(p)) {
         return Ok(false);
     }
     let leaf = base.join(SUPERVISOR_LEAF);
@@ -166,7 +176,9 @@ fn evacuate_self(base: &Path, pid: i32) -> Result<bool, CgroupError> {
         Err(error) if error.kind() == io::ErrorKind::AlreadyExists => {}
         Err(error) => return Err(CgroupError::Create { path: leaf, error }),
     }
-    write_file(&leaf.join("cgroup.procs"), &pid.to_string())?;
+    for pid in procs {
+        write_file(&leaf.join("cgroup.procs"), &pid.to_string())?;
+    }
     tracing::info!(cgroup = %leaf.display(), "moved stagehand into a leaf cgroup so its own cgroup can delegate controllers");
     Ok(true)
 }
@@ -417,18 +429,34 @@ mod tests {
     }
 
     #[test]
+    fn rootless_evacuate_moves_the_host_side_parent_too() {
+        let (_tmp, root) = fake_tree_root();
+        fake_file(&root.join("cgroup.procs"), "4242\n99\n");
+        fake_file(&root.join(SUPERVISOR_LEAF).join("cgroup.procs"), "");
+        assert!(evacuate(&root, &[4242, 99]).unwrap());
+        // The fake file keeps the last write: both were written, in the listed order.
+        assert_eq!(
+            std::fs::read_to_string(root.join(SUPERVISOR_LEAF).join("cgroup.procs")).unwrap(),
+            "99"
+        );
+        // A third process (a login shell) is not ours to move.
+        fake_file(&root.join("cgroup.procs"), "4242\n99\n555\n");
+        assert!(!evacuate(&root, &[4242, 99]).unwrap());
+    }
+
+    #[test]
     fn evacuate_moves_us_only_when_alone() {
         let (_tmp, root) = fake_tree_root();
         fake_file(&root.join("cgroup.procs"), "4242\n");
         fake_file(&root.join(SUPERVISOR_LEAF).join("cgroup.procs"), "");
-        assert!(evacuate_self(&root, 4242).unwrap());
+        assert!(evacuate(&root, &[4242]).unwrap());
         assert_eq!(
             std::fs::read_to_string(root.join(SUPERVISOR_LEAF).join("cgroup.procs")).unwrap(),
             "4242"
         );
         fake_file(&root.join("cgroup.procs"), "4242\n777\n");
         fake_file(&root.join(SUPERVISOR_LEAF).join("cgroup.procs"), "");
-        assert!(!evacuate_self(&root, 4242).unwrap());
+        assert!(!evacuate(&root, &[4242]).unwrap());
         assert_eq!(
             std::fs::read_to_string(root.join(SUPERVISOR_LEAF).join("cgroup.procs")).unwrap(),
             ""
