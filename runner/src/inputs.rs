@@ -216,6 +216,17 @@ fn walk(
                     return;
                 }
             };
+            // A broken `.regex()` is the file's fault, reported whether or not a value is given.
+            if let Some(re) = &spec.regex {
+                if let Err(e) = regex::Regex::new(&format!("^(?:{re})$")) {
+                    out.bad.push(BadInput {
+                        path: full,
+                        pos,
+                        message: format!("the input's regex {re} is invalid: {}", regex_reason(&e)),
+                    });
+                    return;
+                }
+            }
             let var_name = full
                 .rsplit_once("variables.")
                 .map(|(_, n)| n.to_string())
@@ -261,6 +272,16 @@ fn stage_variable_alias(path: &[String]) -> Option<String> {
     None
 }
 
+/// The one-line reason of a regex error (its Display draws the pattern over several lines).
+fn regex_reason(e: &regex::Error) -> String {
+    let text = e.to_string();
+    text.lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .map(|l| l.trim().trim_start_matches("error: ").to_string())
+        .unwrap_or(text)
+}
+
 fn check_value(spec: &InputSpec, v: &str) -> Result<(), String> {
     if !spec.allowed.is_empty() && !spec.allowed.iter().any(|a| a == v) {
         return Err(format!(
@@ -273,7 +294,12 @@ fn check_value(spec: &InputSpec, v: &str) -> Result<(), String> {
         match regex::Regex::new(&anchored) {
             Ok(r) if r.is_match(v) => {}
             Ok(_) => return Err(format!("value {v:?} does not match the input's regex {re}")),
-            Err(e) => return Err(format!("the input's regex {re} is invalid: {e}")),
+            Err(e) => {
+                return Err(format!(
+                    "the input's regex {re} is invalid: {}",
+                    regex_reason(&e)
+                ));
+            }
         }
     }
     Ok(())
