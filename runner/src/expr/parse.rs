@@ -706,7 +706,16 @@ impl<'a> Parser<'a> {
                 return Ok(args);
             }
             loop {
-                args.push(p.parse_ternary()?);
+                // Running off the end inside the parentheses: the call is what is unclosed
+                // (`<+secrets.getValue("t">` reads the `>` as a comparison in there).
+                let arg = p.parse_ternary().map_err(|e| {
+                    if e.offset >= p.src.len() {
+                        ExprError::syntax(open, format!("missing ')' to close '{name}('"))
+                    } else {
+                        e
+                    }
+                })?;
+                args.push(arg);
                 p.skip_ws();
                 if p.eat(",") {
                     continue;
@@ -1374,6 +1383,12 @@ mod tests {
         assert_eq!(
             (e.offset, e.message.as_str()),
             (13, "missing ')' to close 'contains('")
+        );
+        // The `>` meant to close is read as a comparison inside the call: the call is unclosed.
+        let e = parse_template("<+secrets.getValue(\"token\">").unwrap_err();
+        assert_eq!(
+            (e.offset, e.message.as_str()),
+            (18, "missing ')' to close 'getValue('")
         );
         let e = cond_err("<+a[1>");
         assert_eq!(e.offset, 0);
