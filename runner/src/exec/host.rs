@@ -815,8 +815,15 @@ impl Executor for HostExecutor {
                 let mut drained = drained;
                 tokio::spawn(async move {
                     let status = child.wait().await;
-                    // Bounded: a daemonized grandchild may hold the pipe open.
-                    let _ = tokio::time::timeout(EXIT_DRAIN, drained.wait_for(|d| *d)).await;
+                    // A failure report quotes the service's last lines: let them arrive first.
+                    // Bounded, since a daemonized grandchild may hold the pipe open; and not
+                    // for a clean exit, which quotes nothing (a launcher that leaves a daemon
+                    // behind must be seen to have exited at once).
+                    let failing =
+                        !status.success() || matches!(*tx.borrow(), ServiceState::Starting);
+                    if failing {
+                        let _ = tokio::time::timeout(EXIT_DRAIN, drained.wait_for(|d| *d)).await;
+                    }
                     if stopping.load(std::sync::atomic::Ordering::SeqCst) {
                         return;
                     }
