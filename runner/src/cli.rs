@@ -645,6 +645,8 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
         Ok(c) => c,
         Err(e) => {
             console.status(&format!("stagehand: {e}"));
+            // Nothing ran: no run to keep logs of.
+            let _ = std::fs::remove_dir_all(&run_dir);
             return Ok(EXIT_INVALID);
         }
     };

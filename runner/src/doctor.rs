@@ -320,8 +320,9 @@ fn overlay_in_userns() -> Finding {
             None,
         );
     };
-    let script =
-        "mkdir l u w m && mount -t overlay overlay -o userxattr,lowerdir=l,upperdir=u,workdir=w m";
+    // The overlay leaves `w/work` mode 000, which only root of the namespace can remove: do
+    // it in there, so the temp dir goes away afterwards.
+    let script = "mkdir l u w m && mount -t overlay overlay -o userxattr,lowerdir=l,upperdir=u,workdir=w m && umount m && rm -rf w";
     let ok = Command::new("unshare")
         .args(["--user", "--map-root-user", "--mount", "sh", "-c", script])
         .current_dir(dir.path())

@@ -606,10 +606,10 @@ pub fn assert_container_run_gone(out: &Finished, marker: &str, stores: &[&Path])
 
 /// The one syscall wrapper that needs `unsafe`.
 #[allow(unsafe_code)]
-mod sys {
+pub(crate) mod sys {
     /// Register `f` to run when the process exits normally (also after `process::exit`,
     /// which is how the test harness ends on failure).
-    pub(super) fn at_exit(f: extern "C" fn()) -> bool {
+    pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
         // SAFETY: `atexit` only stores the function pointer; `f` is a plain `extern "C" fn`
         // (no captured state, valid for the whole life of the process) that never unwinds.
         unsafe { libc::atexit(f) == 0 }

@@ -35,7 +35,7 @@ pub fn readable(path: &Path) -> PathBuf {
     };
     let tree = TREE.get_or_init(|| {
         let d = tempfile::Builder::new()
-            .prefix("stagehand-rootless-tree-")
+            .prefix(&own_prefix("tree"))
             .tempdir()
             .expect("temp dir for readable copies");
         std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755))
@@ -61,6 +61,45 @@ pub fn readable(path: &Path) -> PathBuf {
             .status();
     }
     dest
+}
+
+/// Temp dirs of this module: `stagehand-rootless-<what>-<pid>-...`. They live in statics,
+/// which are never dropped, so the first one registers an exit handler that removes this
+/// process's, and sweeps those of test binaries that died without theirs.
+const PREFIX: &str = "stagehand-rootless-";
+
+fn own_prefix(what: &str) -> String {
+    static REGISTERED: OnceLock<()> = OnceLock::new();
+    REGISTERED.get_or_init(|| {
+        sweep(|pid| !Path::new(&format!("/proc/{pid}")).exists());
+        if !crate::images::sys::at_exit(remove_own_dirs) {
+            eprintln!("rootless: atexit failed; the next run sweeps this run's temp dirs");
+        }
+    });
+    format!("{PREFIX}{what}-{}-", std::process::id())
+}
+
+/// Removes the module's temp dirs whose pid `matches`.
+fn sweep(matches: impl Fn(u32) -> bool) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.split('-').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(&matches) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// atexit handler: never panics (it runs inside C's `exit`).
+extern "C" fn remove_own_dirs() {
+    let me = std::process::id();
+    sweep(|pid| pid == me);
 }
 
 fn lock(m: &std::sync::Mutex<()>) -> std::sync::MutexGuard<'_, ()> {
@@ -99,7 +138,7 @@ pub fn user() -> &'static RootlessUser {
                 )
             });
         let dir = tempfile::Builder::new()
-            .prefix("stagehand-rootless-bin-")
+            .prefix(&own_prefix("bin"))
             .tempdir()
             .expect("temp dir for the binary");
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
