@@ -352,6 +352,21 @@ fn resolve_with(
 /// (also absolute ones, also the last component) are resolved inside `root`, never on the
 /// host. `Ok(None)` when the file does not exist.
 pub(crate) fn read_in_root(root: &Path, rel: &Path) -> Result<Option<Vec<u8>>, ResolveError> {
+    match file_in_root(root, rel)? {
+        Some((path, rel)) => fs::read(&path)
+            .map(Some)
+            .map_err(|e| ResolveError::Io(rel, e)),
+        None => Ok(None),
+    }
+}
+
+/// Finds the regular file `rel` of the tree at `root` as a process chrooted there would (see
+/// [`read_in_root`]): its host path and its path in the tree after links. `Ok(None)` when
+/// there is no such file.
+pub(crate) fn file_in_root(
+    root: &Path,
+    rel: &Path,
+) -> Result<Option<(PathBuf, PathBuf)>, ResolveError> {
     let mut rel = rel.to_path_buf();
     for _ in 0..MAX_LINKS {
         let parent_rel = rel.parent().unwrap_or(Path::new("")).to_path_buf();
@@ -383,11 +398,7 @@ pub(crate) fn read_in_root(root: &Path, rel: &Path) -> Result<Option<Vec<u8>>, R
                 };
                 // `..` components are handled by resolve_with on the next round.
             }
-            Ok(m) if m.is_file() => {
-                return fs::read(&path)
-                    .map(Some)
-                    .map_err(|e| ResolveError::Io(rel, e));
-            }
+            Ok(m) if m.is_file() => return Ok(Some((path, rel))),
             Ok(_) => return Err(ResolveError::NotADirectory(rel)),
         }
     }

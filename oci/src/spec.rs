@@ -761,6 +761,35 @@ pub fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
 }
 
 /// Resolves `user` (`name`, `uid`, `name:group`, `uid:gid`, `name:gid`...) against the image's
+/// Where the container would find `program` (its `argv[0]`), looked up as `execvp` does inside
+/// `rootfs`: a path with a `/` as it is (relative ones against `cwd`), a bare name in each
+/// directory of `path` (the container's `PATH`). Symlinks resolve inside `rootfs`. `None`
+/// when there is no executable regular file there, so a step can fail before its container
+/// starts, naming the program, instead of with an init's "failed to exec" and exit code 1.
+pub fn find_executable(rootfs: &Path, program: &str, path: &str, cwd: &str) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |in_root: &str| -> bool {
+        let rel = in_root.trim_start_matches('/');
+        matches!(
+            fsutil::file_in_root(rootfs, Path::new(rel)),
+            Ok(Some((host, _))) if std::fs::metadata(&host)
+                .is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+        )
+    };
+    if program.contains('/') {
+        let full = if program.starts_with('/') {
+            program.to_string()
+        } else {
+            format!("{}/{program}", cwd.trim_end_matches('/'))
+        };
+        return executable(&full).then_some(full);
+    }
+    path.split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| format!("{}/{program}", d.trim_end_matches('/')))
+        .find(|c| executable(c))
+}
+
 /// `/etc/passwd` and `/etc/group` (read inside `rootfs`, symlinks resolved inside it), with
 /// the supplementary groups that list the user. A numeric uid unknown to the image runs with
 /// gid 0 and no extra groups, as Docker does; an unknown name is an error. Empty is root.
@@ -1075,6 +1104,48 @@ mod tests {
         )
         .unwrap();
         dir
+    }
+
+    #[test]
+    fn find_executable_looks_in_the_image_as_execvp_would() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["bin", "usr/bin", "etc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("bin/busybox"), "#!").unwrap();
+        std::fs::set_permissions(
+            root.join("bin/busybox"),
+            std::fs::Permissions::from_mode(0o755),
+        )
+        .unwrap();
+        symlink("busybox", root.join("bin/sh")).unwrap();
+        // Absolute, so it must resolve inside the image, never on the host.
+        symlink("/bin/busybox", root.join("usr/bin/env")).unwrap();
+        symlink("/usr/bin/true", root.join("bin/hosttrue")).unwrap();
+        std::fs::write(root.join("etc/motd"), "not a program").unwrap();
+        let path = "/usr/local/bin:/usr/bin:/bin";
+        assert_eq!(
+            find_executable(root, "sh", path, "/").as_deref(),
+            Some("/bin/sh")
+        );
+        assert_eq!(
+            find_executable(root, "env", path, "/").as_deref(),
+            Some("/usr/bin/env")
+        );
+        assert_eq!(
+            find_executable(root, "/bin/busybox", "", "/").as_deref(),
+            Some("/bin/busybox")
+        );
+        assert_eq!(find_executable(root, "hosttrue", path, "/"), None);
+        assert_eq!(find_executable(root, "/etc/motd", path, "/"), None);
+        assert_eq!(find_executable(root, "nope", path, "/"), None);
+        assert_eq!(find_executable(root, "sh", "/usr/local/bin", "/"), None);
+        assert_eq!(
+            find_executable(root, "sh", path, "/bin").as_deref(),
+            Some("/bin/sh")
+        );
     }
 
     #[test]

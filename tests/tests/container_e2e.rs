@@ -685,3 +685,32 @@ fn missing_image_names_the_image_and_how_to_load_it() {
             .contains(&format!("docker.io/{}", images::SAUCE_IMAGE))
     );
 }
+
+#[test]
+fn a_program_missing_from_the_image_fails_the_step_before_it_starts_and_names_it() {
+    require_root();
+    let ws = Workspace::new();
+    let out = run(&ws, "container-no-program.yaml", &[]);
+    out.assert_code(1);
+    for (id, why) in [
+        (
+            "absolute",
+            "`/opt/app/run` is not an executable file in image `stagehand-e2e/busybox:1`"
+                .to_string(),
+        ),
+        (
+            "bare",
+            "`no-such-tool` is not in image `stagehand-e2e/busybox:1` (searched PATH=".to_string(),
+        ),
+        (
+            "bash",
+            "`bash` is not in image `stagehand-e2e/busybox:1` (searched PATH=".to_string(),
+        ),
+    ] {
+        out.assert_stdout_has(&format!("<-- {id} FAILED: {why}"));
+        // Nothing ran: no output from the step itself.
+        assert!(out.step_output(id).is_empty(), "{id}\n{}", out.dump());
+    }
+    out.assert_stdout_has("the step's shell runs its command");
+    assert_container_run_gone(&out, ws.marker(), &[suite_store().root()]);
+}

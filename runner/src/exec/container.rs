@@ -376,6 +376,36 @@ impl Containers {
         }
         cs.privileged = step.privileged;
         cs.init = self.init.clone();
+        // The program must be in the image (or in a mount): say so now, naming it, rather
+        // than let the init fail to exec it with a bare exit code 1.
+        if let Some(program) = cs.args.first() {
+            let mounted = cs
+                .mounts
+                .iter()
+                .any(|m| Path::new(program).starts_with(&m.destination));
+            let relative = program.contains('/') && !program.starts_with('/');
+            if !mounted && !relative {
+                let path = cs
+                    .env
+                    .iter()
+                    .find_map(|e| e.strip_prefix("PATH="))
+                    .unwrap_or_default();
+                if spec::find_executable(&rootfs, program, path, "/").is_none() {
+                    return Err(if program.contains('/') {
+                        format!("`{program}` is not an executable file in image `{image}`")
+                    } else {
+                        format!(
+                            "`{program}` is not in image `{image}` (searched PATH={path}){}",
+                            if step.entrypoint.is_empty() && step.command.is_some() {
+                                "; the step's shell runs its command"
+                            } else {
+                                ""
+                            }
+                        )
+                    });
+                }
+            }
+        }
         let built = spec::build(&cs, &self.host)
             .map_err(|e| format!("container spec for {}: {e}", step.id))?;
         spec::write_bundle(&c.dir, &built).map_err(|e| format!("bundle for {}: {e}", step.id))?;
