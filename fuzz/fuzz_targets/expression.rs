@@ -30,7 +30,15 @@ fuzz_target!(|data: &[u8]| {
             let _ = expr::render(&t, &resolver);
             let _ = t.references();
         }
-        Err(e) => assert!(e.offset <= text.len(), "offset {} past {}", e.offset, text.len()),
+        Err(e) => {
+            assert!(e.offset <= text.len(), "offset {} past {}", e.offset, text.len());
+            // Every error, not only the first: the first is the same, all lie in the text.
+            let all = expr::template_errors(text);
+            assert_eq!(all.first().map(|f| f.offset), Some(e.offset));
+            for f in &all {
+                assert!(f.offset <= text.len(), "offset {} past {}", f.offset, text.len());
+            }
+        }
     }
     match expr::parse_condition(text) {
         Ok(e) => {

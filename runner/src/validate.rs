@@ -225,7 +225,11 @@ impl<'a> Validator<'a> {
             return;
         }
         match expr::parse_template(&t.value) {
-            Err(e) => diags.error(self.locate(t, e.offset), e.to_string()),
+            Err(_) => {
+                for e in expr::template_errors(&t.value) {
+                    diags.error(self.locate(t, e.offset), e.to_string());
+                }
+            }
             Ok(tpl) => {
                 let mut places = RefPlaces {
                     s: &t.value,

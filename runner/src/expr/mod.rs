@@ -32,7 +32,7 @@ mod parse;
 use std::fmt;
 
 pub use eval::{eval, render, truthy};
-pub use parse::{parse_condition, parse_input, parse_template};
+pub use parse::{parse_condition, parse_input, parse_template, template_errors};
 
 /// A value: what a reference resolves to and what an expression evaluates to.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,6 +19,32 @@ const MAX_DEPTH: usize = 48;
 /// level in a debug build). Real conditions have a handful of operators.
 const MAX_NODES: usize = 200;
 
+/// Every error of the expressions in `s`, not only the first: after an error, parsing starts
+/// again at the next `<+` past it. At most `MAX_TEMPLATE_ERRORS`, so a string of broken
+/// expressions is not reported a hundred times. Empty when [`parse_template`] succeeds.
+pub fn template_errors(s: &str) -> Vec<ExprError> {
+    const MAX_TEMPLATE_ERRORS: usize = 10;
+    let mut out = Vec::new();
+    let mut base = 0;
+    while out.len() < MAX_TEMPLATE_ERRORS {
+        let Err(mut e) = parse_template(&s[base..]) else {
+            break;
+        };
+        e.offset += base;
+        // Past the error, on a character boundary.
+        let mut resume = (e.offset + 1).min(s.len());
+        while !s.is_char_boundary(resume) {
+            resume += 1;
+        }
+        out.push(e);
+        match s[resume..].find("<+") {
+            Some(next) => base = resume + next,
+            None => break,
+        }
+    }
+    out
+}
+
 /// Parses text with embedded `<+...>` expressions. Text between them is kept as is.
 ///
 /// `<+input>` (a runtime-input marker) becomes a reference to `input`; when it is followed by
@@ -1384,6 +1410,16 @@ mod tests {
             (e.offset, e.message.as_str()),
             (13, "missing ')' to close 'contains('")
         );
+        // Every broken expression of a string is reported, each at its own place.
+        let errs = template_errors("a <+> b <+x.y( c <+ok> d <+p.>");
+        let at: Vec<usize> = errs.iter().map(|e| e.offset).collect();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert_eq!(at[0], 2);
+        assert!(errs[0].message.contains("empty expression"));
+        assert!(at[1] >= 8 && at[2] > at[1], "{errs:?}");
+        assert!(template_errors("fine <+a.b> text").is_empty());
+        // Multi-byte text after an error does not trip the restart.
+        assert_eq!(template_errors("<+>é<+>ü").len(), 2);
         // The `>` meant to close is read as a comparison inside the call: the call is unclosed.
         let e = parse_template("<+secrets.getValue(\"token\">").unwrap_err();
         assert_eq!(
