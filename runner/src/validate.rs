@@ -286,10 +286,7 @@ impl<'a> Validator<'a> {
         let block = rest.starts_with('|') || rest.starts_with('>');
         if !block && line_in_value == 0 {
             let quoted = rest.starts_with('"') || rest.starts_with('\'');
-            return Pos {
-                line: t.pos.line,
-                col: t.pos.col + col_in_line as u32 + u32::from(quoted),
-            };
+            return self.locate_folded(t, rest, col_in_line, quoted);
         }
         // Find the text of that value line in the source below the key.
         let value_line = t.value.lines().nth(line_in_value).unwrap_or("");
@@ -309,6 +306,45 @@ impl<'a> Validator<'a> {
             }
         }
         t.pos
+    }
+}
+
+impl Validator<'_> {
+    /// The place of character `col_in_line` of a one-line value that may be folded over several
+    /// source lines (a plain or quoted scalar: each line break and its indentation read as one
+    /// space). `rest` is the key's line from the value on. Never a column past its line.
+    fn locate_folded(&self, t: &Text, rest: &str, col_in_line: usize, quoted: bool) -> Pos {
+        let first = &rest[usize::from(quoted)..];
+        let mut line = t.pos.line as usize;
+        let mut col0 = t.pos.col as usize + usize::from(quoted);
+        let mut segment = first.trim_end();
+        let mut left = col_in_line;
+        loop {
+            let len = segment.chars().count();
+            if left <= len {
+                return Pos {
+                    line: line as u32,
+                    col: (col0 + left) as u32,
+                };
+            }
+            // The line's text, then the one space its line break folds into.
+            left -= len + 1;
+            match self.lines.get(line) {
+                Some(next) if !next.trim().is_empty() => {
+                    segment = next.trim();
+                    col0 = next.len() - next.trim_start().len() + 1;
+                    line += 1;
+                }
+                _ => {
+                    // Ran out (an escape or a blank line counted differently): the end of
+                    // the last line seen.
+                    return Pos {
+                        line: line as u32,
+                        col: (col0 + len) as u32,
+                    };
+                }
+            }
+        }
     }
 }
 
