@@ -425,10 +425,15 @@ pub(crate) fn is_real_dir_chain(root: &Path, rel: &Path) -> bool {
 
 /// Whether this process runs in a user namespace other than the initial one (rootless
 /// stagehand runs as root of its own): its uid map is then not the identity `0 0 4294967295`.
+/// Read once (a process never leaves its user namespace). The supervisor has the same test;
+/// this crate does not depend on it for one line of `/proc`.
 pub fn in_user_namespace() -> bool {
-    std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
-        let fields: Vec<&str> = m.split_whitespace().collect();
-        !fields.is_empty() && fields != ["0", "0", "4294967295"]
+    static IN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *IN.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/uid_map").is_ok_and(|m| {
+            let fields: Vec<&str> = m.split_whitespace().collect();
+            !fields.is_empty() && fields != ["0", "0", "4294967295"]
+        })
     })
 }
 

@@ -128,10 +128,17 @@ fn own_map(file: &str) -> Vec<IdMap> {
         .unwrap_or_default()
 }
 
+/// This process's uid and gid maps, read once: a process enters its user namespace
+/// ([`enter_child`]) before anything asks, and never leaves it. Asked on every host-step spawn.
+fn maps() -> &'static (Vec<IdMap>, Vec<IdMap>) {
+    static MAPS: std::sync::OnceLock<(Vec<IdMap>, Vec<IdMap>)> = std::sync::OnceLock::new();
+    MAPS.get_or_init(|| (own_map("uid_map"), own_map("gid_map")))
+}
+
 /// Whether this process runs in a user namespace other than the initial one.
 pub fn in_user_namespace() -> bool {
-    let maps = own_map("uid_map");
-    !maps.is_empty() && !is_identity(&maps)
+    let maps = &maps().0;
+    !maps.is_empty() && !is_identity(maps)
 }
 
 /// Root on the host: uid 0 outside any user namespace. Only then are host cgroups, `/run`
@@ -143,13 +150,13 @@ pub fn is_real_root() -> bool {
 /// Our user id on the host (through our namespace's map when in one).
 pub fn host_uid() -> u32 {
     let uid = nix::unistd::getuid().as_raw();
-    to_outside(&own_map("uid_map"), uid).unwrap_or(uid)
+    to_outside(&maps().0, uid).unwrap_or(uid)
 }
 
 /// Our primary group id on the host.
 pub fn host_gid() -> u32 {
     let gid = nix::unistd::getgid().as_raw();
-    to_outside(&own_map("gid_map"), gid).unwrap_or(gid)
+    to_outside(&maps().1, gid).unwrap_or(gid)
 }
 
 /// A subordinate id range from `/etc/subuid` or `/etc/subgid`.

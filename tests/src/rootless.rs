@@ -114,6 +114,8 @@ pub struct RootlessUser {
     pub home: PathBuf,
     /// `<temp>/stagehand`, mode 0755, in a 0755 directory.
     pub bin: PathBuf,
+    /// The user's ranges in /etc/subuid (read as stagehand reads them).
+    pub subuids: Vec<stagehand_supervisor::userns::SubIds>,
     _bin_dir: tempfile::TempDir,
 }
 
@@ -147,7 +149,13 @@ pub fn user() -> &'static RootlessUser {
         std::fs::copy(stagehand_bin(), &bin).expect("copy the stagehand binary");
         std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755))
             .expect("chmod the binary");
+        let subuids = stagehand_supervisor::userns::subordinate_ids(
+            Path::new("/etc/subuid"),
+            &name,
+            u.uid.as_raw(),
+        );
         RootlessUser {
+            subuids,
             name,
             uid: u.uid.as_raw(),
             gid: u.gid.as_raw(),
@@ -268,16 +276,9 @@ impl RootlessUser {
 
     /// Whether `uid` is one of the user's subordinate ids (container processes run as those).
     pub fn subordinate(&self, uid: u32) -> bool {
-        let text = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-        text.lines().any(|l| {
-            let f: Vec<&str> = l.trim().split(':').collect();
-            f.len() == 3
-                && (f[0] == self.name || f[0] == self.uid.to_string())
-                && match (f[1].parse::<u32>(), f[2].parse::<u32>()) {
-                    (Ok(start), Ok(count)) => uid >= start && uid - start < count,
-                    _ => false,
-                }
-        })
+        self.subuids
+            .iter()
+            .any(|r| uid >= r.start && uid - r.start < r.count)
     }
 
     /// Processes running as the user or one of its subordinate ids: (pid, command line).

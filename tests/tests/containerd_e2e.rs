@@ -144,19 +144,18 @@ impl Drop for Containerd {
     }
 }
 
-/// `stagehand run FILE` with the suite's store and `--backend containerd` at `ctd`.
-fn run(ws: &Workspace, ctd: &Containerd, file: &str) -> Finished {
-    sandbox::run(
-        with_store(
-            ws.stagehand_run(&pipeline(file)),
-            suite_store().root(),
-            ws.marker(),
-        )
+/// `stagehand run FILE` with the suite's store and `--backend containerd` at `socket`.
+fn containerd_cmd(ws: &Workspace, socket: &Path, file: &Path) -> StagehandCmd {
+    with_store(ws.stagehand_run(file), suite_store().root(), ws.marker())
         .arg("--backend")
         .arg("containerd")
         .arg("--containerd-address")
-        .arg(ctd.socket()),
-    )
+        .arg(socket)
+}
+
+/// [`containerd_cmd`] for a suite pipeline, run to completion.
+fn run(ws: &Workspace, ctd: &Containerd, file: &str) -> Finished {
+    sandbox::run(containerd_cmd(ws, &ctd.socket(), &pipeline(file)))
 }
 
 /// The leak checks of the daemonless suite, and nothing of the run left in containerd: no
@@ -228,17 +227,9 @@ fn echo_runs_as_a_containerd_task() {
     let ctd = Containerd::start();
     let ws = Workspace::new();
     let out = sandbox::run(
-        with_store(
-            ws.stagehand_run(&pipeline("container-echo.yaml")),
-            suite_store().root(),
-            ws.marker(),
-        )
-        .arg("--var")
-        .arg("source=containerd")
-        .arg("--backend")
-        .arg("containerd")
-        .arg("--containerd-address")
-        .arg(ctd.socket()),
+        containerd_cmd(&ws, &ctd.socket(), &pipeline("container-echo.yaml"))
+            .arg("--var")
+            .arg("source=containerd"),
     );
     out.assert_code(0);
     assert_eq!(
@@ -414,18 +405,10 @@ fn native_snapshotter_is_selectable() {
     let ctd = Containerd::start();
     let ws = Workspace::new();
     let out = sandbox::run(
-        with_store(
-            ws.stagehand_run(&pipeline("container-echo.yaml")),
-            suite_store().root(),
-            ws.marker(),
-        )
-        .arg("--var")
-        .arg("source=native")
-        .arg("--backend")
-        .arg("containerd")
-        .arg("--containerd-address")
-        .arg(ctd.socket())
-        .env("STAGEHAND_CONTAINERD_SNAPSHOTTER", "native"),
+        containerd_cmd(&ws, &ctd.socket(), &pipeline("container-echo.yaml"))
+            .arg("--var")
+            .arg("source=native")
+            .env("STAGEHAND_CONTAINERD_SNAPSHOTTER", "native"),
     );
     out.assert_code(0);
     assert_eq!(
@@ -459,13 +442,7 @@ fn sigkill_of_stagehand_then_gc_removes_what_it_left_in_containerd() {
             "pipeline:\n  name: containerd killed\n  identifier: containerd_killed\n  stages:\n    - stage:\n        identifier: build\n        name: build\n        type: CI\n        variables:\n          - name: marker\n            type: String\n            value: unset\n        spec:\n          execution:\n            steps:\n              - step:\n                  identifier: slow\n                  name: slow\n                  type: Run\n                  spec:\n                    image: {BUSYBOX_IMAGE}\n                    shell: Sh\n                    command: |\n                      echo started\n                      sleep 120\n"
         ),
     );
-    let mut running = sandbox::spawn(
-        with_store(ws.stagehand_run(&file), suite_store().root(), ws.marker())
-            .arg("--backend")
-            .arg("containerd")
-            .arg("--containerd-address")
-            .arg(ctd.socket()),
-    );
+    let mut running = sandbox::spawn(containerd_cmd(&ws, &ctd.socket(), &file));
     running.wait_for_stdout("slow | started", Duration::from_secs(20));
     let id = run_id_of_pid(running.pid(), Duration::from_secs(5));
     let _dir = RunDirGuard::new(&id, ws.marker());
@@ -514,13 +491,7 @@ fn oom_kill_of_a_containerd_service_is_reported() {
             "pipeline:\n  name: containerd service oom\n  identifier: containerd_service_oom\n  stages:\n    - stage:\n        identifier: build\n        name: build\n        type: CI\n        variables:\n          - name: marker\n            type: String\n            value: unset\n        spec:\n          execution:\n            steps:\n              - step:\n                  identifier: hog\n                  name: memory hog service\n                  type: Background\n                  spec:\n                    image: {BUSYBOX_IMAGE}\n                    entrypoint:\n                      - sh\n                      - -ec\n                      - 'echo allocating; dd if=/dev/zero of=/dev/null bs=64M count=1; echo hog survived; sleep 30'\n                    resources:\n                      limits:\n                        memory: 32Mi\n              - step:\n                  identifier: settle\n                  name: settle\n                  type: Run\n                  spec:\n                    shell: Sh\n                    command: sleep 20\n"
         ),
     );
-    let out = sandbox::run(
-        with_store(ws.stagehand_run(&file), suite_store().root(), ws.marker())
-            .arg("--backend")
-            .arg("containerd")
-            .arg("--containerd-address")
-            .arg(ctd.socket()),
-    );
+    let out = sandbox::run(containerd_cmd(&ws, &ctd.socket(), &file));
     out.assert_code(1);
     assert!(!out.stdout.contains("hog survived"), "{}", out.dump());
     out.assert_stdout_has("!!! service hog failed: was killed: out of memory (limit 32Mi)");
@@ -538,17 +509,7 @@ fn a_missing_containerd_socket_fails_the_stage_with_a_hint() {
     require_root();
     let ws = Workspace::new();
     let sock = Path::new("/nonexistent/stagehand-containerd.sock");
-    let out = sandbox::run(
-        with_store(
-            ws.stagehand_run(&pipeline("container-exit.yaml")),
-            suite_store().root(),
-            ws.marker(),
-        )
-        .arg("--backend")
-        .arg("containerd")
-        .arg("--containerd-address")
-        .arg(sock),
-    );
+    let out = sandbox::run(containerd_cmd(&ws, sock, &pipeline("container-exit.yaml")));
     out.assert_code(1);
     let all = format!("{}{}", out.stdout, out.stderr);
     assert!(
