@@ -8,28 +8,16 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use stagehand::diag::Diagnostics;
 
 fuzz_target!(|data: &[u8]| {
     // The CLI refuses non-UTF-8 before parsing; the replacement characters still reach the parser.
     let text = String::from_utf8_lossy(data);
-    let mut diags = Diagnostics::new(Path::new("fuzz.yaml"));
-    match stagehand::yaml::parse(&text) {
-        Err(e) => diags.error(e.pos, e.message),
-        Ok(mut root) => {
-            let outcome = stagehand::inputs::resolve(
-                &mut root,
-                &stagehand::inputs::InputValues::default(),
-                false,
-            );
-            for b in &outcome.bad {
-                diags.error(b.pos, b.message.clone());
-            }
-            if let Some(p) = stagehand::load::load(&root, &mut diags) {
-                stagehand::validate::validate(&p, &text, &mut diags);
-            }
-        }
-    }
+    let (mut diags, _) = stagehand::validate::check_source(
+        Path::new("fuzz.yaml"),
+        &text,
+        &stagehand::inputs::InputValues::default(),
+        false,
+    );
     diags.finish();
     let _ = diags.render(&text, false);
     let lines: Vec<&str> = text.lines().collect();

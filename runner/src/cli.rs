@@ -382,16 +382,6 @@ fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
             return Ok(Err(EXIT_INVALID));
         }
     };
-    let mut diags = Diagnostics::new(&a.file);
-    let mut root = match crate::yaml::parse(&source) {
-        Ok(n) => n,
-        Err(e) => {
-            diags.error(e.pos, e.message);
-            eprint!("{}", diags.render(&source, false));
-            eprintln!("{}: invalid: 1 error", a.file.display());
-            return Ok(Err(EXIT_INVALID));
-        }
-    };
     let mut values = InputValues::default();
     if let Some(f) = &a.inputs_file {
         let text = std::fs::read_to_string(f)
@@ -408,26 +398,9 @@ fn check(a: &FileArgs, require_inputs: bool) -> Result<Result<Checked, i32>> {
             .with_context(|| format!("--input {kv}: expected NAME=VALUE"))?;
         values.insert(k, v);
     }
-    let outcome = crate::inputs::resolve(&mut root, &values, require_inputs);
-    for m in &outcome.missing {
-        diags.error_hint(
-            m.pos,
-            format!("runtime input `{}` has no value", m.path),
-            format!("pass --input {}=VALUE or an --inputs-file", m.path),
-        );
-    }
-    for b in &outcome.bad {
-        diags.error(b.pos, format!("input `{}`: {}", b.path, b.message));
-    }
-    for u in &outcome.unused {
-        diags.warning(
-            crate::yaml::Pos { line: 1, col: 1 },
-            format!("--input {u} matches no <+input> in the file"),
-        );
-    }
-    let pipeline = crate::load::load(&root, &mut diags);
+    let (mut diags, pipeline) =
+        crate::validate::check_source(&a.file, &source, &values, require_inputs);
     if let Some(p) = &pipeline {
-        crate::validate::validate(p, &source, &mut diags);
         if let Some(s) = &a.stage {
             if !p.stages.iter().any(|st| &st.identifier == s) {
                 let ids: Vec<&str> = p.stages.iter().map(|s| s.identifier.as_str()).collect();

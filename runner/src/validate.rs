@@ -13,6 +13,49 @@ use crate::model::*;
 use crate::plan::{PlannedStep, plan_stage};
 use crate::yaml::Pos;
 
+/// Every phase of `stagehand validate` on a file's text: parse, runtime inputs (`values`;
+/// with `require_inputs`, an input left without one is an error), load, validate. The one
+/// entry point for the CLI, the fuzz target and the suites, so they check what users get.
+/// The diagnostics are not finished (the caller may add its own first); the pipeline is
+/// `None` when the text does not load.
+pub fn check_source(
+    file: &std::path::Path,
+    source: &str,
+    values: &crate::inputs::InputValues,
+    require_inputs: bool,
+) -> (Diagnostics, Option<Pipeline>) {
+    let mut diags = Diagnostics::new(file);
+    let mut root = match crate::yaml::parse(source) {
+        Ok(n) => n,
+        Err(e) => {
+            diags.error(e.pos, e.message);
+            return (diags, None);
+        }
+    };
+    let outcome = crate::inputs::resolve(&mut root, values, require_inputs);
+    for m in &outcome.missing {
+        diags.error_hint(
+            m.pos,
+            format!("runtime input `{}` has no value", m.path),
+            format!("pass --input {}=VALUE or an --inputs-file", m.path),
+        );
+    }
+    for b in &outcome.bad {
+        diags.error(b.pos, format!("input `{}`: {}", b.path, b.message));
+    }
+    for u in &outcome.unused {
+        diags.warning(
+            Pos { line: 1, col: 1 },
+            format!("--input {u} matches no <+input> in the file"),
+        );
+    }
+    let pipeline = crate::load::load(&root, &mut diags);
+    if let Some(p) = &pipeline {
+        validate(p, source, &mut diags);
+    }
+    (diags, pipeline)
+}
+
 /// Names every expression may use at the top.
 pub const ROOTS: &[&str] = &[
     "pipeline",

@@ -212,23 +212,12 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 /// Parse, resolve inputs, load, validate and render, as `stagehand validate` does; every
 /// problem with the diagnostics' places, as messages.
 fn check(path: &Path, text: &str) -> Vec<String> {
-    let mut diags = Diagnostics::new(path);
-    match stagehand::yaml::parse(text) {
-        Err(e) => diags.error(e.pos, e.message),
-        Ok(mut root) => {
-            let outcome = stagehand::inputs::resolve(
-                &mut root,
-                &stagehand::inputs::InputValues::default(),
-                false,
-            );
-            for b in &outcome.bad {
-                diags.error(b.pos, format!("input `{}`: {}", b.path, b.message));
-            }
-            if let Some(p) = stagehand::load::load(&root, &mut diags) {
-                stagehand::validate::validate(&p, text, &mut diags);
-            }
-        }
-    }
+    let (mut diags, _) = stagehand::validate::check_source(
+        path,
+        text,
+        &stagehand::inputs::InputValues::default(),
+        false,
+    );
     diags.finish();
     let _ = diags.render(text, false);
     misplaced(&diags, text)

@@ -389,13 +389,13 @@ fn run_and_background_pipelines_validate_cleanly() {
 
 /// Parse, resolve inputs, load, validate and render, in process, as `stagehand validate` does.
 fn validate_in_process(path: &Path, source: &str) -> Diagnostics {
-    let mut diags = Diagnostics::new(path);
-    let mut root = stagehand::yaml::parse(source).expect("the corpus parses");
-    let _ =
-        stagehand::inputs::resolve(&mut root, &stagehand::inputs::InputValues::default(), false);
-    if let Some(p) = stagehand::load::load(&root, &mut diags) {
-        stagehand::validate::validate(&p, source, &mut diags);
-    }
+    let (mut diags, pipeline) = stagehand::validate::check_source(
+        path,
+        source,
+        &stagehand::inputs::InputValues::default(),
+        false,
+    );
+    assert!(pipeline.is_some(), "{} does not load", path.display());
     diags.finish();
     let _ = diags.render(source, false);
     diags
