@@ -604,6 +604,16 @@ pub fn assert_container_run_gone(out: &Finished, marker: &str, stores: &[&Path])
     assert_no_leaks(&id);
 }
 
+/// `CapEff` of a `/proc/<pid>/status` line (or of a step's output line) as a bit mask.
+pub fn cap_eff(line: &str) -> u64 {
+    let hex = line
+        .trim()
+        .strip_prefix("CapEff:")
+        .unwrap_or_else(|| panic!("not a CapEff line: {line:?}"))
+        .trim();
+    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("CapEff {hex:?}: {e}"))
+}
+
 /// The one syscall wrapper that needs `unsafe`.
 #[allow(unsafe_code)]
 pub(crate) mod sys {

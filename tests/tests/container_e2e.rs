@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use stagehand_e2e::e2e::{
     Finished, Running, Workspace, assert_ports_closed, assert_ports_free, pipeline, processes_with,
 };
+use stagehand_e2e::hostile::files_named;
+use stagehand_e2e::images::cap_eff;
 use stagehand_e2e::images::{
     self, BUSYBOX_IMAGE, TarEntry, assert_container_run_gone, docker_archive, image_cmd,
     image_config, oci_archive, sha256_hex, suite_store, tar, with_store,
@@ -86,16 +88,6 @@ fn scratch(ws: &Workspace, what: &str) -> tempfile::TempDir {
         .prefix(&format!("{}-{what}-", ws.marker()))
         .tempdir()
         .expect("create a scratch dir")
-}
-
-/// `CapEff` of a `/proc/<pid>/status` text (or of a step's output line) as a bit mask.
-fn cap_eff(line: &str) -> u64 {
-    let hex = line
-        .trim()
-        .strip_prefix("CapEff:")
-        .unwrap_or_else(|| panic!("not a CapEff line: {line:?}"))
-        .trim();
-    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("CapEff {hex:?}: {e}"))
 }
 
 /// Run `container-echo.yaml` from `store`, expecting "hello from SOURCE", and check the run
@@ -527,23 +519,6 @@ fn empty_dir_volume_is_shared_by_a_background_and_a_run_container() {
         "the volume was the workspace"
     );
     assert_container_run_gone(&out, ws.marker(), &[suite_store().root()]);
-}
-
-/// Every path under `dir` (not following symlinks) whose file name contains `needle`.
-fn files_named(dir: &Path, needle: &str) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return found;
-    };
-    for e in entries.flatten() {
-        if e.file_name().to_string_lossy().contains(needle) {
-            found.push(e.path());
-        }
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            found.extend(files_named(&e.path(), needle));
-        }
-    }
-    found
 }
 
 #[test]

@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use stagehand_e2e::e2e::{Workspace, pipeline};
+use stagehand_e2e::images::cap_eff;
 use stagehand_e2e::images::{assert_container_run_gone, sha256_hex, suite_store, with_store};
 use stagehand_e2e::sandbox::{self, require_root, run_dir, run_id_of_pid};
 
@@ -31,16 +32,6 @@ use stagehand_e2e::sandbox::{self, require_root, run_dir, run_id_of_pid};
 const CAP_SYS_MODULE: u32 = 16;
 const CAP_SYS_RAWIO: u32 = 17;
 const CAP_SYS_ADMIN: u32 = 21;
-
-/// `CapEff` of a `CapEff:\t<hex>` line.
-fn cap_eff(line: &str) -> u64 {
-    let hex = line
-        .trim()
-        .strip_prefix("CapEff:")
-        .unwrap_or_else(|| panic!("not a CapEff line: {line:?}"))
-        .trim();
-    u64::from_str_radix(hex, 16).unwrap_or_else(|e| panic!("CapEff {hex:?}: {e}"))
-}
 
 /// The `check: result` lines of a step, as a map (the CapEff line under `CapEff`).
 fn results(lines: &[String]) -> BTreeMap<String, String> {
