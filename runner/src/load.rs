@@ -667,78 +667,11 @@ impl Loader<'_> {
             Some(f) => self.failure_strategies(f),
             None => vec![],
         };
-        let mut steps = Vec::new();
-        let mut volumes = Vec::new();
-        if unsupported {
-            return Some(Stage {
-                identifier,
-                name,
-                variables,
-                when,
-                failure_strategies,
-                steps,
-                volumes,
-                unsupported,
-                pos,
-            });
-        }
-        match s.get("spec") {
-            None => self
-                .diags
-                .error(s.pos, format!("stage `{identifier}` has no `spec`")),
-            Some(spec) => {
-                if self.keys(
-                    spec,
-                    "a CI stage's `spec`",
-                    &[CI_SPEC_ACTED],
-                    CI_SPEC_IGNORED,
-                    Strictness::Warn,
-                ) {
-                    if let Some(sd) = spec.get("serviceDependencies") {
-                        self.diags
-                            .unsupported(sd.pos, "`serviceDependencies` (use Background steps)");
-                    }
-                    if let Some(infra) = spec.get("infrastructure") {
-                        volumes = self.infrastructure(infra);
-                    }
-                    match spec.get("execution") {
-                        None => self.diags.error(
-                            spec.pos,
-                            format!("stage `{identifier}` has no `spec.execution`"),
-                        ),
-                        Some(ex) => {
-                            if self.keys(
-                                ex,
-                                "`execution`",
-                                &[&["steps"]],
-                                &["rollbackSteps"],
-                                Strictness::Warn,
-                            ) {
-                                match ex.get("steps") {
-                                    None => self.diags.error(ex.pos, "`execution` has no `steps`"),
-                                    Some(list) => {
-                                        steps = self.items(
-                                            list,
-                                            false,
-                                            &format!("stage `{identifier}`"),
-                                        );
-                                        let copies = expanded_steps(&steps);
-                                        if copies > MAX_STAGE_STEPS {
-                                            self.diags.error(list.pos, format!("the strategies of stage `{identifier}` make {copies} steps; stagehand runs at most {MAX_STAGE_STEPS} in one stage"));
-                                            // Planning would allocate every copy: keep one.
-                                            clamp_strategies(&mut steps);
-                                        }
-                                        if list.as_seq().is_some_and(|s| s.is_empty()) {
-                                            self.diags.error(list.pos, "`steps` is empty");
-                                        }
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-        }
+        let (steps, volumes) = if unsupported {
+            (Vec::new(), Vec::new())
+        } else {
+            self.ci_spec(s, &identifier)
+        };
         Some(Stage {
             identifier,
             name,
@@ -750,6 +683,64 @@ impl Loader<'_> {
             unsupported,
             pos,
         })
+    }
+
+    /// A CI stage's `spec`: its steps (`spec.execution.steps`) and volumes (from
+    /// `spec.infrastructure`). What is missing or malformed is reported and left empty.
+    fn ci_spec(&mut self, stage: &Node, identifier: &str) -> (Vec<Item>, Vec<Volume>) {
+        let mut volumes = Vec::new();
+        let Some(spec) = stage.get("spec") else {
+            self.diags
+                .error(stage.pos, format!("stage `{identifier}` has no `spec`"));
+            return (Vec::new(), volumes);
+        };
+        if !self.keys(
+            spec,
+            "a CI stage's `spec`",
+            &[CI_SPEC_ACTED],
+            CI_SPEC_IGNORED,
+            Strictness::Warn,
+        ) {
+            return (Vec::new(), volumes);
+        }
+        if let Some(sd) = spec.get("serviceDependencies") {
+            self.diags
+                .unsupported(sd.pos, "`serviceDependencies` (use Background steps)");
+        }
+        if let Some(infra) = spec.get("infrastructure") {
+            volumes = self.infrastructure(infra);
+        }
+        let Some(ex) = spec.get("execution") else {
+            self.diags.error(
+                spec.pos,
+                format!("stage `{identifier}` has no `spec.execution`"),
+            );
+            return (Vec::new(), volumes);
+        };
+        if !self.keys(
+            ex,
+            "`execution`",
+            &[&["steps"]],
+            &["rollbackSteps"],
+            Strictness::Warn,
+        ) {
+            return (Vec::new(), volumes);
+        }
+        let Some(list) = ex.get("steps") else {
+            self.diags.error(ex.pos, "`execution` has no `steps`");
+            return (Vec::new(), volumes);
+        };
+        let mut steps = self.items(list, false, &format!("stage `{identifier}`"));
+        let copies = expanded_steps(&steps);
+        if copies > MAX_STAGE_STEPS {
+            self.diags.error(list.pos, format!("the strategies of stage `{identifier}` make {copies} steps; stagehand runs at most {MAX_STAGE_STEPS} in one stage"));
+            // Planning would allocate every copy: keep one.
+            clamp_strategies(&mut steps);
+        }
+        if list.as_seq().is_some_and(|s| s.is_empty()) {
+            self.diags.error(list.pos, "`steps` is empty");
+        }
+        (steps, volumes)
     }
 
     fn infrastructure(&mut self, infra: &Node) -> Vec<Volume> {
