@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the end-to-end suites a second time with every stagehand started as the unprivileged
-# user stagehand-user (created by ./dev setup with subordinate id ranges), through setpriv:
+# user stagehand-user (created by ./dev test with subordinate id ranges), through setpriv:
 # the tests still run as root, to build fixtures and to check what is left behind. Where a
 # rootless run cannot do what root does on this host (limits without delegated cgroups,
 # outbound without /dev/net/tun), the suites assert that stagehand says so instead.

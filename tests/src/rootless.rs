@@ -136,7 +136,7 @@ pub fn user() -> &'static RootlessUser {
                 panic!(
                     "no user `{name}`: create it with `useradd --create-home {name}` and give it \
                      subordinate ids (`usermod --add-subuids 100000-165535 --add-subgids \
-                     100000-165535 {name}`); ./dev setup does both"
+                     100000-165535 {name}`); ./dev test does both"
                 )
             });
         let dir = tempfile::Builder::new()
