@@ -167,7 +167,17 @@ fn parse_here(text: &str) -> Result<Node, YamlError> {
                     );
                 }
             }
-            YamlError { pos, message }
+            let mut pos = pos;
+            if message.contains("did not find expected <document start>") {
+                if let Some(line) = directive_before(text, pos) {
+                    pos = Pos { line, col: 1 };
+                    message = "a line starting with `%` is a YAML directive (`%YAML 1.2`), which must be followed by `---`: quote a value that starts with `%`".into();
+                }
+            }
+            YamlError {
+                pos: within(text, pos),
+                message,
+            }
         })?;
     Ok(into_node(spanned))
 }
@@ -231,6 +241,36 @@ fn lone_carriage_return(text: &str) -> Option<Pos> {
         line: line as u32,
         col: col as u32,
     })
+}
+
+/// The last line at or before `pos` that starts with `%` (a directive), 1-based.
+fn directive_before(text: &str, pos: Pos) -> Option<u32> {
+    text.lines()
+        .take(pos.line as usize)
+        .enumerate()
+        .filter(|(_, l)| l.starts_with('%'))
+        .last()
+        .map(|(i, _)| i as u32 + 1)
+}
+
+/// `pos` moved inside the text: the parser reports an unexpected end of file on the line after
+/// the last one, which no snippet can show. Such a place becomes the end of the last line.
+fn within(text: &str, pos: Pos) -> Pos {
+    let lines: Vec<&str> = text.lines().collect();
+    let Some(last) = lines.len().checked_sub(1) else {
+        return Pos { line: 1, col: 1 };
+    };
+    let line = (pos.line.max(1) as usize - 1).min(last);
+    let len = lines[line].chars().count() as u32;
+    let col = if line < pos.line.max(1) as usize - 1 {
+        len + 1
+    } else {
+        pos.col.clamp(1, len + 1)
+    };
+    Pos {
+        line: line as u32 + 1,
+        col,
+    }
 }
 
 /// The alias name (`*name`) written at `pos`, if there is one.
@@ -460,6 +500,27 @@ mod tests {
         assert!(parse("a: 1\r\nb: 2\r\n").is_ok());
         let e = parse("a: 1\nbb: 2\r\rc: 3\n").unwrap_err();
         assert_eq!(e.pos, Pos { line: 2, col: 6 }, "{e:?}");
+    }
+
+    #[test]
+    fn an_error_at_the_end_of_the_file_is_placed_on_its_last_line() {
+        // Found by fuzzing: a directive with no `---` after it fails at end of file, which the
+        // parser places on the line after the last.
+        let e = parse("# a comment\n%YAML 1.2\n# another\n").unwrap_err();
+        assert_eq!(e.pos, Pos { line: 2, col: 1 }, "{e:?}");
+        assert!(e.message.contains("directive"), "{e:?}");
+        let e = parse("a: [1, 2\n").unwrap_err();
+        assert_eq!(e.pos.line, 1, "{e:?}");
+        assert!(e.pos.col <= 9, "{e:?}");
+        assert_eq!(
+            within("ab\n", Pos { line: 7, col: 3 }),
+            Pos { line: 1, col: 3 }
+        );
+        assert_eq!(within("", Pos { line: 2, col: 5 }), Pos { line: 1, col: 1 });
+        assert_eq!(
+            within("ab\ncd", Pos { line: 1, col: 9 }),
+            Pos { line: 1, col: 3 }
+        );
     }
 
     #[test]
