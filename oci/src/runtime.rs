@@ -121,8 +121,9 @@ pub trait OciRuntime: Send + Sync + fmt::Debug {
     /// containers and nothing else.
     fn state_root(&self) -> &Path;
 
-    /// `<bin> --root <state> run --keep --bundle <bundle> <id>`: runs the container in the
-    /// foreground (no `--detach`, no `--pid-file`: the caller is the parent and waits).
+    /// `<bin> --root <state> --log <bundle>/runtime.log --log-format json run --keep --bundle
+    /// <bundle> <id>`: runs the container in the foreground (no `--detach`, no `--pid-file`:
+    /// the caller is the parent and waits). [`start_error`] reads that log.
     fn run_argv(&self, bundle: &Path, id: &str) -> Vec<OsString>;
 
     /// `<bin> --root <state> kill [--all] <id> <signal>`.
@@ -139,6 +140,34 @@ pub trait OciRuntime: Send + Sync + fmt::Debug {
 
     /// A hint for a known failure, from the runtime's stderr (also of `run`).
     fn hint(&self, stderr: &str) -> Option<String>;
+}
+
+/// The runtime's log in a bundle directory (see [`OciRuntime::run_argv`]).
+pub const RUN_LOG: &str = "runtime.log";
+
+/// Why the runtime failed to start the container in `bundle`, from the JSON log `run` wrote
+/// there: its last error-level message (runc and crun both write `{"level":"error","msg":..}`
+/// lines), without runc's `runc run failed: ` prefix. `None` when the container started (a
+/// program that exits 1 leaves no error in the runtime's log) or there is no log.
+pub fn start_error(bundle: &Path) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Entry {
+        level: String,
+        msg: String,
+    }
+    let text = std::fs::read_to_string(bundle.join(RUN_LOG)).ok()?;
+    let msg = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
+        .filter(|e| matches!(e.level.as_str(), "error" | "fatal" | "panic"))
+        .last()?
+        .msg;
+    let msg = msg.trim();
+    let msg = msg
+        .strip_prefix("runc run failed: ")
+        .or_else(|| msg.strip_prefix("crun: "))
+        .unwrap_or(msg);
+    (!msg.is_empty()).then(|| msg.to_string())
 }
 
 /// runc or crun through its command line.
@@ -259,6 +288,14 @@ impl OciRuntime for RuncCli {
 
     fn run_argv(&self, bundle: &Path, id: &str) -> Vec<OsString> {
         let mut argv = self.base();
+        // The runtime's own errors also go to a JSON log in the bundle: on the container's
+        // stderr they cannot be told from the program's, nor a failed start from an exit 1.
+        argv.extend([
+            "--log".into(),
+            bundle.join(RUN_LOG).into_os_string(),
+            "--log-format".into(),
+            "json".into(),
+        ]);
         // `--keep`: the container (and its cgroup) outlive its exit until `delete`, so the
         // caller can still read the cgroup (an OOM kill) before cleaning up.
         argv.extend([
@@ -471,6 +508,38 @@ mod tests {
     }
 
     #[test]
+    fn a_start_error_is_the_last_error_in_the_runtime_log() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(start_error(dir.path()), None, "no log");
+        std::fs::write(
+            dir.path().join(RUN_LOG),
+            concat!(
+                r#"{"level":"warning","msg":"something minor","time":"2026-11-22T22:11:25Z"}"#,
+                "\nnot json\n",
+                r#"{"level":"error","msg":"runc run failed: unable to start container process: container init was OOM-killed (memory limit too low?)","time":"2026-11-22T22:11:25Z"}"#,
+                "\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            start_error(dir.path()).as_deref(),
+            Some(
+                "unable to start container process: container init was OOM-killed (memory limit too low?)"
+            )
+        );
+        std::fs::write(
+            dir.path().join(RUN_LOG),
+            r#"{"level":"warning","msg":"only a warning","time":"t"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            start_error(dir.path()),
+            None,
+            "a warning is no start failure"
+        );
+    }
+
+    #[test]
     fn argv_of_each_command() {
         let rt = RuncCli::new(
             RuntimeKind::Runc,
@@ -487,6 +556,10 @@ mod tests {
         assert_eq!(
             strings(&rt.run_argv(Path::new("/run/stagehand/r1/c/s1"), "stagehand-r1-s1")),
             with(&[
+                "--log",
+                "/run/stagehand/r1/c/s1/runtime.log",
+                "--log-format",
+                "json",
                 "run",
                 "--keep",
                 "--bundle",

@@ -689,3 +689,52 @@ fn a_program_missing_from_the_image_fails_the_step_before_it_starts_and_names_it
     out.assert_stdout_has("the step's shell runs its command");
     assert_container_run_gone(&out, ws.marker(), &[suite_store().root()]);
 }
+
+#[test]
+fn a_container_the_runtime_cannot_start_is_reported_with_the_runtimes_reason() {
+    require_root();
+    let ws = Workspace::new();
+    let out = run(&ws, "container-start-failure.yaml", &[]);
+    if stagehand_e2e::e2e::rootless_rerun() {
+        // Rootless on this host: no cgroups, so no limit for runc's init to die of; both
+        // containers start, and stagehand says up front that limits are not enforced.
+        out.assert_code(0);
+        out.assert_stdout_has("warning: resource limits cannot be enforced");
+        out.assert_stdout_has("step ran");
+        assert_container_run_gone(&out, ws.marker(), &[suite_store().root()]);
+        return;
+    }
+    out.assert_code(1);
+    // Neither program ran.
+    assert!(
+        out.step_output("tiny").iter().all(|l| l != "step ran"),
+        "{}",
+        out.dump()
+    );
+    assert!(
+        out.step_output("tiny_service")
+            .iter()
+            .all(|l| l != "service ran"),
+        "{}",
+        out.dump()
+    );
+    if std::env::var("STAGEHAND_BACKEND").as_deref() == Ok("containerd") {
+        // containerd's shim runs runc; its error (with runc's reason) is the helper's.
+        assert!(out.stdout.contains("OOM-killed"), "{}", out.dump());
+    } else {
+        let why = "runc could not start the container: unable to start container process: \
+                   container init was OOM-killed (memory limit too low?)";
+        out.assert_stdout_has(&format!("<-- tiny FAILED: {why}"));
+        assert!(
+            out.summary_row("tiny").ends_with(&format!("FAILED: {why}")),
+            "{}",
+            out.summary_row("tiny")
+        );
+        out.assert_stdout_has(&format!("service tiny_service failed: {why}"));
+        assert!(!out.stdout.contains("exit code 1"), "{}", out.dump());
+    }
+    // A later step waits for the stage's services; this one never became ready.
+    out.assert_stdout_has("<-- after skipped (service tiny_service failed: ");
+    assert!(out.step_output("after").is_empty(), "{}", out.dump());
+    assert_container_run_gone(&out, ws.marker(), &[suite_store().root()]);
+}

@@ -468,6 +468,32 @@ impl Containers {
 }
 
 impl Containers {
+    /// "runc could not start the container: …" when the runtime failed before the step's
+    /// program ran (its log in the bundle says why); `None` when the program ran, whatever its
+    /// exit. Read it before [`Containers::cleanup`], which removes the bundle.
+    pub(crate) fn start_error(&self, c: &Container) -> Option<String> {
+        self.start_error_reader(c).and_then(|read| read())
+    }
+
+    /// [`Containers::start_error`] as a function to call later (from a task that outlives
+    /// this borrow); `None` for a backend that leaves no such log.
+    pub(crate) fn start_error_reader(
+        &self,
+        c: &Container,
+    ) -> Option<impl Fn() -> Option<String> + Send + Sync + 'static> {
+        match self.backend {
+            Backend::Runc => {
+                let (dir, name) = (c.dir.clone(), self.runtime.name().to_string());
+                Some(move || {
+                    stagehand_oci::runtime::start_error(&dir)
+                        .map(|why| format!("{name} could not start the container: {why}"))
+                })
+            }
+            // The containerd helper prints its own errors and exits with its own code.
+            Backend::Containerd { .. } => None,
+        }
+    }
+
     /// `runtime exec ID` for running a probe inside a container.
     pub(crate) fn exec_argv(&self, id: &str) -> Vec<OsString> {
         let root: OsString = match &self.backend {

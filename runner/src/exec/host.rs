@@ -728,6 +728,10 @@ impl Executor for HostExecutor {
             // Whatever ended it, nothing of the step's process group may outlive the step.
             let status = process::stop(&child, libc::SIGTERM, RUN_STOP_GRACE).await;
             let oom = self.oom_message(&step.id, sandbox.as_ref());
+            let start_error = match (&container, &self.containers, &end) {
+                (Some(c), Some(cs), End::Exited) if !status.success() => cs.start_error(c),
+                _ => None,
+            };
             // Kill by cgroup membership: a `setsid` child escaped the process group.
             for e in self.finish(sandbox.as_ref()) {
                 out.line(&step.id, &format!("[stagehand] cleanup: {e}"));
@@ -740,6 +744,9 @@ impl Executor for HostExecutor {
             finish_reader(reader).await;
             if let (Some(msg), End::Exited) = (&oom, &end) {
                 return Outcome::Error(msg.clone());
+            }
+            if let Some(msg) = start_error {
+                return Outcome::Error(msg);
             }
             match end {
                 End::Timeout => Outcome::TimedOut,
@@ -812,6 +819,10 @@ impl Executor for HostExecutor {
                 let stopping = stopping.clone();
                 let tx = tx.clone();
                 let oom_cg = sandbox.as_ref().and_then(|s| s.cgroup.clone());
+                let start_error = match (&container, &self.containers) {
+                    (Some(c), Some(cs)) => cs.start_error_reader(c),
+                    _ => None,
+                };
                 let mut drained = drained;
                 tokio::spawn(async move {
                     let status = child.wait().await;
@@ -830,6 +841,10 @@ impl Executor for HostExecutor {
                     let oom = oom_cg
                         .as_ref()
                         .is_some_and(|c| c.oom_killed().unwrap_or(false));
+                    let not_started = match &start_error {
+                        Some(read) if !status.success() => read(),
+                        _ => None,
+                    };
                     let why = if oom {
                         let limit = oom_cg
                             .as_ref()
@@ -837,6 +852,8 @@ impl Executor for HostExecutor {
                             .map(crate::units::format_memory)
                             .unwrap_or_default();
                         format!("was killed: out of memory (limit {limit})")
+                    } else if let Some(msg) = &not_started {
+                        msg.clone()
                     } else {
                         format!(
                             "exited after {}: {status}",
@@ -845,6 +862,9 @@ impl Executor for HostExecutor {
                     };
                     tx.send_modify(|st| {
                         *st = match st {
+                            ServiceState::Starting if not_started.is_some() => {
+                                ServiceState::Failed(why)
+                            }
                             ServiceState::Starting => {
                                 ServiceState::Failed(format!("{why}, before it was ready"))
                             }
