@@ -159,8 +159,7 @@ pub fn start_error(bundle: &Path) -> Option<String> {
     let msg = text
         .lines()
         .filter_map(|l| serde_json::from_str::<Entry>(l).ok())
-        .filter(|e| matches!(e.level.as_str(), "error" | "fatal" | "panic"))
-        .last()?
+        .rfind(|e| matches!(e.level.as_str(), "error" | "fatal" | "panic"))?
         .msg;
     let msg = msg.trim();
     let msg = msg
