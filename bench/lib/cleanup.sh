@@ -8,8 +8,8 @@
 # still exists, one line each) and `cleanup` (remove all of it; safe to call twice, also after
 # a failure half-way). Everything is found by the bench's own names: the work directory
 # $BENCH_WORK, `stagehand-bench-$BENCH_ID` (netns, runc containers, podman pods), the
-# pipeline identifier `stagehand_bench_$BENCH_ID` (stagehand's run directories and sequence
-# counter), podman's private storage. Nothing of anyone else is touched, and processes are
+# pipeline identifier `stagehand_bench_$BENCH_ID` (stagehand's run directories), podman's
+# private storage. Nothing of anyone else is touched, and processes are
 # stopped by PID only.
 # Does not own: measuring, or the contenders' own teardown (that is what is measured).
 
@@ -160,14 +160,14 @@ cleanup() {
         ip netns del "$id" 2>/dev/null || true
     done
     # stagehand: a run that did not finish its teardown (the bench was interrupted) is what
-    # `stagehand gc` is for; then the run directories and the sequence counter go.
+    # `stagehand gc` is for; then the run directories go. (The sequence counter is in the
+    # bench's store, `--root` under $BENCH_WORK.)
     for d in $(our_run_dirs); do
         if ! jq -e '.finished == true' "$d/state.json" >/dev/null 2>&1 && [ -x "${BENCH_STAGEHAND:-}" ]; then
             "$BENCH_STAGEHAND" gc >/dev/null 2>&1 || true
         fi
         rm -rf "$d"
     done
-    rm -f "/var/lib/stagehand/sequence/stagehand_bench_$BENCH_ID"
     for d in /var/lib/stagehand/sequence /var/lib/stagehand /run/stagehand; do
         if ! existed_before "$d"; then rmdir "$d" 2>/dev/null || true; fi
     done

@@ -47,8 +47,8 @@ EOF
 idle_script() { echo "exec sleep $1.007"; }
 
 # The pipeline identifier and stage identifier of every pipeline the bench writes: unique per
-# bench run, so the run directories and sequence counter stagehand keeps can be found and
-# removed afterwards (stagehand names nothing after the workspace).
+# bench run, so the run directories stagehand keeps can be found and removed afterwards
+# (stagehand names nothing after the workspace).
 pipeline_id() { echo "stagehand_bench_${BENCH_ID}"; }
 
 # Indent stdin by $1 spaces (for YAML block scalars).

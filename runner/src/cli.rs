@@ -73,7 +73,12 @@ pub enum Command {
     /// Manage the image store: load, import, pull, ls, rm, inspect, prune.
     Image {
         /// The image store (default: /var/lib/stagehand as root, $XDG_DATA_HOME/stagehand otherwise).
-        #[arg(long = "root", value_name = "DIR", global = true)]
+        #[arg(
+            long = "root",
+            value_name = "DIR",
+            global = true,
+            env = "STAGEHAND_ROOT"
+        )]
         root: Option<PathBuf>,
         #[command(subcommand)]
         cmd: ImageCmd,
@@ -227,8 +232,9 @@ pub struct RunArgs {
     /// without a delegated subtree) instead of warning and running without them.
     #[arg(long)]
     pub require_limits: bool,
-    /// The image store (default: /var/lib/stagehand as root, $XDG_DATA_HOME/stagehand otherwise).
-    #[arg(long = "root", value_name = "DIR")]
+    /// The image store and run counters (default: /var/lib/stagehand as root,
+    /// $XDG_DATA_HOME/stagehand otherwise).
+    #[arg(long = "root", value_name = "DIR", env = "STAGEHAND_ROOT")]
     pub root: Option<PathBuf>,
     /// The OCI runtime for container steps: `runc` (default), `crun`, or a path.
     #[arg(long, value_name = "NAME|PATH")]
@@ -543,19 +549,6 @@ fn state_dir() -> PathBuf {
     }
 }
 
-/// `<+pipeline.sequenceId>`: a counter kept per pipeline identifier.
-fn next_sequence(pipeline: &str) -> u64 {
-    let dir = state_dir().join("sequence");
-    let path = dir.join(pipeline);
-    let n = std::fs::read_to_string(&path)
-        .ok()
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        + 1;
-    let _ = std::fs::create_dir_all(&dir).and_then(|_| std::fs::write(&path, n.to_string()));
-    n
-}
-
 fn new_run_id() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -657,7 +650,14 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
         let mut run = RunInfo {
             pipeline_name: pipeline.name.clone(),
             pipeline_id: pipeline.identifier.clone(),
-            sequence_id: next_sequence(&pipeline.identifier),
+            sequence_id: crate::sequence::next(&a.image_root(), &pipeline.identifier)
+                .unwrap_or_else(|e| {
+                    console.status(&format!(
+                        "    warning: cannot record this run's number in {}: {e}; <+pipeline.sequenceId> is 1",
+                        a.image_root().join("sequence").display()
+                    ));
+                    1
+                }),
             execution_id: run_id.clone(),
             codebase,
             secrets: secrets.clone(),

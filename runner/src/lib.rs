@@ -16,6 +16,7 @@ pub mod output;
 pub mod plan;
 pub mod reports;
 pub mod schedule;
+pub mod sequence;
 pub mod units;
 pub mod validate;
 pub mod yaml;

@@ -91,6 +91,9 @@ pub fn unique_marker() -> String {
 pub struct Workspace {
     marker: String,
     dir: Option<tempfile::TempDir>,
+    /// stagehand's state for this test (`STAGEHAND_ROOT`: run counters, and the image store
+    /// of a run not given `--root`), so no run writes to /var/lib/stagehand.
+    state: Option<tempfile::TempDir>,
 }
 
 impl Workspace {
@@ -101,13 +104,27 @@ impl Workspace {
             .prefix(&format!("{marker}-ws-"))
             .tempdir()
             .expect("create a temp workspace");
+        let state = tempfile::Builder::new()
+            .prefix(&format!("{marker}-state-"))
+            .tempdir()
+            .expect("create a temp state dir");
         if rootless_rerun() {
             crate::rootless::user().own(dir.path());
+            crate::rootless::user().own(state.path());
         }
         Workspace {
             marker,
             dir: Some(dir),
+            state: Some(state),
         }
+    }
+
+    /// stagehand's state directory for this test (`STAGEHAND_ROOT` of its runs).
+    pub fn state(&self) -> &Path {
+        self.state
+            .as_ref()
+            .expect("state dir exists until dropped")
+            .path()
     }
 
     /// The workspace directory.
@@ -137,6 +154,7 @@ impl Workspace {
             .arg(pipeline_file)
             .arg("--workspace")
             .arg(self.path())
+            .env("STAGEHAND_ROOT", self.state())
     }
 }
 
@@ -149,7 +167,7 @@ impl Default for Workspace {
 impl Drop for Workspace {
     fn drop(&mut self) {
         kill_marked(&self.marker);
-        if let Some(d) = self.dir.take() {
+        for d in [self.dir.take(), self.state.take()].into_iter().flatten() {
             let path = d.path().to_path_buf();
             if let Err(e) = d.close() {
                 eprintln!("e2e: could not remove {}: {e}", path.display());

@@ -339,6 +339,41 @@ fn output_variables_reach_later_steps() {
 }
 
 #[test]
+fn sequence_ids_count_runs_of_a_pipeline_even_concurrent_ones() {
+    require_root();
+    let ws = Workspace::new();
+    let run = || ws.stagehand_run(&pipeline("sequence.yaml"));
+    for n in 1..=2 {
+        let out = run().output();
+        out.assert_code(0);
+        assert_eq!(
+            out.step_output("show"),
+            [format!("run {n}")],
+            "{}",
+            out.dump()
+        );
+    }
+    // Three at once get three different numbers.
+    let running: Vec<_> = (0..3).map(|_| run().spawn()).collect();
+    let mut seen: Vec<String> = running
+        .into_iter()
+        .map(|r| {
+            let out = r.wait(Duration::from_secs(30));
+            out.assert_code(0);
+            out.step_output("show").concat()
+        })
+        .collect();
+    seen.sort();
+    assert_eq!(seen, ["run 3", "run 4", "run 5"]);
+    // Kept in the run's state dir (STAGEHAND_ROOT), not in /var/lib/stagehand.
+    assert_eq!(
+        std::fs::read_to_string(ws.state().join("sequence/sequence")).unwrap(),
+        "5"
+    );
+    assert_no_leaks(ws.marker());
+}
+
+#[test]
 fn secrets_are_masked_on_stdout_and_in_logs() {
     require_root();
     let ws = Workspace::new();

@@ -241,10 +241,9 @@ fn every_broken_file_is_rejected_with_exactly_its_pinned_diagnostics() {
     );
 }
 
-/// What a `stagehand run` leaves behind outside its workspace: its run directory (named in
-/// the `logs:` line) and, for a pipeline seen for the first time, its sequence counter.
+/// What a `stagehand run` leaves behind outside its workspace and state dir: its run
+/// directory (named in the `logs:` line).
 struct RunLeftovers {
-    sequence_file: Option<PathBuf>,
     run_dirs: Vec<PathBuf>,
 }
 
@@ -253,22 +252,10 @@ impl Drop for RunLeftovers {
         for d in &self.run_dirs {
             let _ = std::fs::remove_dir_all(d);
         }
-        if let Some(f) = &self.sequence_file {
-            let _ = std::fs::remove_file(f);
-        }
     }
 }
 
 impl RunLeftovers {
-    fn new(pipeline_id: &str) -> Self {
-        // Mirrors cli.rs: /var/lib/stagehand when root (the suites run as root).
-        let f = Path::new("/var/lib/stagehand/sequence").join(pipeline_id);
-        RunLeftovers {
-            sequence_file: (!f.exists()).then_some(f),
-            run_dirs: Vec::new(),
-        }
-    }
-
     fn note(&mut self, out: &Output) {
         for l in String::from_utf8_lossy(&out.stderr).lines() {
             if let Some(logs) = l.strip_prefix("logs: ") {
@@ -282,21 +269,21 @@ impl RunLeftovers {
 }
 
 fn check_run(dir: &Path, name: &str, source: &str, h: &Header) -> Vec<String> {
-    let id = source
-        .lines()
-        .find_map(|l| l.strip_prefix("  identifier: "))
-        .unwrap_or_else(|| panic!("{name}: no pipeline identifier"));
-    assert!(
-        id.starts_with("stagehand"),
-        "{name}: a run file's pipeline identifier starts with `stagehand` (it names files the run leaves)"
-    );
-    let mut leftovers = RunLeftovers::new(id);
+    let mut leftovers = RunLeftovers {
+        run_dirs: Vec::new(),
+    };
     let ws = tempfile::Builder::new()
         .prefix("stagehand-e2e-ws")
         .tempdir()
         .unwrap();
+    // The run's counters (and store) go here, not to /var/lib/stagehand.
+    let state = tempfile::Builder::new()
+        .prefix("stagehand-e2e-state")
+        .tempdir()
+        .unwrap();
     let ws_path = ws.path().to_str().unwrap();
-    let out = run_stagehand(dir, &["run", name, "--workspace", ws_path]);
+    let root = state.path().to_str().unwrap();
+    let out = run_stagehand(dir, &["run", name, "--workspace", ws_path, "--root", root]);
     leftovers.note(&out);
     let mut problems = check_output(name, source, h, &out);
     if ws.path().join(MARKER).exists() {
