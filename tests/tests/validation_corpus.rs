@@ -294,7 +294,7 @@ fn check_run(dir: &Path, name: &str, source: &str, h: &Header) -> Vec<String> {
     let Some(control) = &h.control else {
         return problems;
     };
-    let mut args = vec!["run", name, "--workspace", ws_path];
+    let mut args = vec!["run", name, "--workspace", ws_path, "--root", root];
     args.extend(control.iter().map(String::as_str));
     let out = run_stagehand(dir, &args);
     leftovers.note(&out);
