@@ -169,6 +169,22 @@ pub fn start_error(bundle: &Path) -> Option<String> {
     (!msg.is_empty()).then(|| msg.to_string())
 }
 
+/// Records `msg` as a start failure in `bundle`'s runtime log, in the runtime's own format, so
+/// [`start_error`] reads it: for a stand-in for `runc run` (stagehand's containerd helper)
+/// that fails before the container's program runs.
+pub fn record_start_error(bundle: &Path, msg: &str) -> io::Result<()> {
+    use std::io::Write as _;
+    let path = bundle.join(RUN_LOG);
+    let line = serde_json::json!({ "level": "error", "msg": msg });
+    // On a line of its own, even after a log whose last line was cut short.
+    let cut = std::fs::read(&path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)?;
+    writeln!(f, "{}{line}", if cut { "\n" } else { "" })
+}
+
 /// runc or crun through its command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuncCli {
@@ -535,6 +551,11 @@ mod tests {
             start_error(dir.path()),
             None,
             "a warning is no start failure"
+        );
+        record_start_error(dir.path(), "create task c1: no such file").unwrap();
+        assert_eq!(
+            start_error(dir.path()).as_deref(),
+            Some("create task c1: no such file")
         );
     }
 

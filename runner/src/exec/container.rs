@@ -468,29 +468,28 @@ impl Containers {
 }
 
 impl Containers {
-    /// "runc could not start the container: …" when the runtime failed before the step's
-    /// program ran (its log in the bundle says why); `None` when the program ran, whatever its
+    /// "runc could not start the container: …" (or "containerd …") when the runtime failed
+    /// before the step's program ran (its log in the bundle says why); `None` when the program ran, whatever its
     /// exit. Read it before [`Containers::cleanup`], which removes the bundle.
     pub(crate) fn start_error(&self, c: &Container) -> Option<String> {
-        self.start_error_reader(c).and_then(|read| read())
+        self.start_error_reader(c)()
     }
 
     /// [`Containers::start_error`] as a function to call later (from a task that outlives
-    /// this borrow); `None` for a backend that leaves no such log.
+    /// this borrow).
     pub(crate) fn start_error_reader(
         &self,
         c: &Container,
-    ) -> Option<impl Fn() -> Option<String> + Send + Sync + 'static> {
-        match self.backend {
-            Backend::Runc => {
-                let (dir, name) = (c.dir.clone(), self.runtime.name().to_string());
-                Some(move || {
-                    stagehand_oci::runtime::start_error(&dir)
-                        .map(|why| format!("{name} could not start the container: {why}"))
-                })
-            }
-            // The containerd helper prints its own errors and exits with its own code.
-            Backend::Containerd { .. } => None,
+    ) -> impl Fn() -> Option<String> + Send + Sync + 'static {
+        // runc writes its log itself; the containerd helper writes one in the same format.
+        let name = match self.backend {
+            Backend::Runc => self.runtime.name().to_string(),
+            Backend::Containerd { .. } => "containerd".to_string(),
+        };
+        let dir = c.dir.clone();
+        move || {
+            stagehand_oci::runtime::start_error(&dir)
+                .map(|why| format!("{name} could not start the container: {why}"))
         }
     }
 

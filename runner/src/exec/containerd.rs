@@ -259,6 +259,14 @@ pub fn run_task(address: &Path, ns: &str, id: &str, bundle: &Path) -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("stagehand: {e}");
+            // Every error here comes before the task's program ran: say so where the step's
+            // report looks (as runc's own log does for the runc backend).
+            if let Err(w) = stagehand_oci::runtime::record_start_error(bundle, &e.to_string()) {
+                eprintln!(
+                    "stagehand: containerd: record the failure in {}: {w}",
+                    bundle.display()
+                );
+            }
             125
         }
     }

@@ -820,7 +820,7 @@ impl Executor for HostExecutor {
                 let tx = tx.clone();
                 let oom_cg = sandbox.as_ref().and_then(|s| s.cgroup.clone());
                 let start_error = match (&container, &self.containers) {
-                    (Some(c), Some(cs)) => cs.start_error_reader(c),
+                    (Some(c), Some(cs)) => Some(cs.start_error_reader(c)),
                     _ => None,
                 };
                 let mut drained = drained;
