@@ -947,14 +947,19 @@ impl Executor for HostExecutor {
                             .as_ref()
                             .and_then(|sb| sb.cgroup.as_ref())
                             .filter(|cg| cg.oom_killed().unwrap_or(false));
-                        let why = match oom {
-                            Some(cg) => format!(
+                        let not_started = match (&s.container, &self.containers) {
+                            (Some(c), Some(cs)) if !st.success() => cs.start_error(c),
+                            _ => None,
+                        };
+                        let why = match (oom, not_started) {
+                            (Some(cg), _) => format!(
                                 "was killed: out of memory (limit {})",
                                 cg.memory_limit()
                                     .map(crate::units::format_memory)
                                     .unwrap_or_default()
                             ),
-                            None => format!("had exited before the stage ended: {st}"),
+                            (None, Some(msg)) => msg,
+                            (None, None) => format!("had exited before the stage ended: {st}"),
                         };
                         (st.success(), why)
                     }
