@@ -171,18 +171,15 @@ pub fn start_error(bundle: &Path) -> Option<String> {
 
 /// Records `msg` as a start failure in `bundle`'s runtime log, in the runtime's own format, so
 /// [`start_error`] reads it: for a stand-in for `runc run` (stagehand's containerd helper)
-/// that fails before the container's program runs.
+/// that fails before the container's program runs. Appends one whole line.
 pub fn record_start_error(bundle: &Path, msg: &str) -> io::Result<()> {
     use std::io::Write as _;
-    let path = bundle.join(RUN_LOG);
     let line = serde_json::json!({ "level": "error", "msg": msg });
-    // On a line of its own, even after a log whose last line was cut short.
-    let cut = std::fs::read(&path).is_ok_and(|b| b.last().is_some_and(|&c| c != b'\n'));
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(&path)?;
-    writeln!(f, "{}{line}", if cut { "\n" } else { "" })
+        .open(bundle.join(RUN_LOG))?;
+    writeln!(f, "{line}")
 }
 
 /// runc or crun through its command line.
@@ -544,7 +541,10 @@ mod tests {
         );
         std::fs::write(
             dir.path().join(RUN_LOG),
-            r#"{"level":"warning","msg":"only a warning","time":"t"}"#,
+            concat!(
+                r#"{"level":"warning","msg":"only a warning","time":"t"}"#,
+                "\n"
+            ),
         )
         .unwrap();
         assert_eq!(

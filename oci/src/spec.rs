@@ -760,7 +760,6 @@ pub fn merge_env(base: &[String], overrides: &[String]) -> Vec<String> {
     out
 }
 
-/// Resolves `user` (`name`, `uid`, `name:group`, `uid:gid`, `name:gid`...) against the image's
 /// Where the container would find `program` (its `argv[0]`), looked up as `execvp` does inside
 /// `rootfs`: a path with a `/` as it is (relative ones against `cwd`), a bare name in each
 /// directory of `path` (the container's `PATH`). Symlinks resolve inside `rootfs`. `None`
@@ -790,6 +789,7 @@ pub fn find_executable(rootfs: &Path, program: &str, path: &str, cwd: &str) -> O
         .find(|c| executable(c))
 }
 
+/// Resolves `user` (`name`, `uid`, `name:group`, `uid:gid`, `name:gid`...) against the image's
 /// `/etc/passwd` and `/etc/group` (read inside `rootfs`, symlinks resolved inside it), with
 /// the supplementary groups that list the user. A numeric uid unknown to the image runs with
 /// gid 0 and no extra groups, as Docker does; an unknown name is an error. Empty is root.

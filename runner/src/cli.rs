@@ -647,14 +647,16 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
             });
         }
         let codebase = Codebase::detect(&workspace);
+        // The image store, and where run counters are kept.
+        let image_root = a.image_root();
         let mut run = RunInfo {
             pipeline_name: pipeline.name.clone(),
             pipeline_id: pipeline.identifier.clone(),
-            sequence_id: crate::sequence::next(&a.image_root(), &pipeline.identifier)
+            sequence_id: crate::sequence::next(&image_root, &pipeline.identifier)
                 .unwrap_or_else(|e| {
                     console.status(&format!(
-                        "    warning: cannot record this run's number in {}: {e}; <+pipeline.sequenceId> is 1",
-                        a.image_root().join("sequence").display()
+                        "    warning: cannot record this run's number under {}: {e}; <+pipeline.sequenceId> is 1",
+                        image_root.display()
                     ));
                     1
                 }),
@@ -754,7 +756,7 @@ fn run_cmd(a: RunArgs) -> Result<i32> {
                     let volumes: Vec<String> =
                         plan.volumes.iter().map(|v| v.mount_path.clone()).collect();
                     let c = Containers::new(
-                        &a.image_root(),
+                        &image_root,
                         a.runtime.as_deref().map(std::ffi::OsStr::new),
                         &run_dir,
                         &run_id,

@@ -350,9 +350,7 @@ impl<'a> Validator<'a> {
         }
         t.pos
     }
-}
 
-impl Validator<'_> {
     /// The place of character `col_in_line` of a one-line value that may be folded over several
     /// source lines (a plain or quoted scalar: each line break and its indentation read as one
     /// space). `rest` is the key's line from the value on. Never a column past its line.

@@ -151,7 +151,7 @@ fn parse_here(text: &str) -> Result<Node, YamlError> {
     };
     let spanned: Spanned<RawValue> =
         serde_saphyr::from_str_with_options(text, options).map_err(|e| {
-            let pos = e
+            let mut pos = e
                 .location()
                 .map(|l| Pos {
                     line: l.line() as u32,
@@ -167,7 +167,6 @@ fn parse_here(text: &str) -> Result<Node, YamlError> {
                     );
                 }
             }
-            let mut pos = pos;
             if message.contains("did not find expected <document start>") {
                 if let Some(line) = directive_before(text, pos) {
                     pos = Pos { line, col: 1 };
@@ -260,9 +259,10 @@ fn within(text: &str, pos: Pos) -> Pos {
     let Some(last) = lines.len().checked_sub(1) else {
         return Pos { line: 1, col: 1 };
     };
-    let line = (pos.line.max(1) as usize - 1).min(last);
+    let wanted = pos.line.max(1) as usize - 1;
+    let line = wanted.min(last);
     let len = lines[line].chars().count() as u32;
-    let col = if line < pos.line.max(1) as usize - 1 {
+    let col = if line < wanted {
         len + 1
     } else {
         pos.col.clamp(1, len + 1)

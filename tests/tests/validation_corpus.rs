@@ -243,6 +243,7 @@ fn every_broken_file_is_rejected_with_exactly_its_pinned_diagnostics() {
 
 /// What a `stagehand run` leaves behind outside its workspace and state dir: its run
 /// directory (named in the `logs:` line).
+#[derive(Default)]
 struct RunLeftovers {
     run_dirs: Vec<PathBuf>,
 }
@@ -269,9 +270,7 @@ impl RunLeftovers {
 }
 
 fn check_run(dir: &Path, name: &str, source: &str, h: &Header) -> Vec<String> {
-    let mut leftovers = RunLeftovers {
-        run_dirs: Vec::new(),
-    };
+    let mut leftovers = RunLeftovers::default();
     let ws = tempfile::Builder::new()
         .prefix("stagehand-e2e-ws")
         .tempdir()

@@ -469,8 +469,8 @@ impl Containers {
 
 impl Containers {
     /// "runc could not start the container: …" (or "containerd …") when the runtime failed
-    /// before the step's program ran (its log in the bundle says why); `None` when the program ran, whatever its
-    /// exit. Read it before [`Containers::cleanup`], which removes the bundle.
+    /// before the step's program ran (its log in the bundle says why); `None` when the program
+    /// ran, whatever its exit. Read it before [`Containers::cleanup`], which removes the bundle.
     pub(crate) fn start_error(&self, c: &Container) -> Option<String> {
         self.start_error_reader(c)()
     }

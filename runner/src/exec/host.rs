@@ -366,19 +366,6 @@ impl HostExecutor {
         })
     }
 
-    /// "X was killed: out of memory (limit 500Mi)" when the cgroup saw an OOM kill.
-    fn oom_message(&self, id: &str, sandbox: Option<&StepSandbox>) -> Option<String> {
-        let cg = sandbox?.cgroup.as_ref()?;
-        if !cg.oom_killed().unwrap_or(false) {
-            return None;
-        }
-        let limit = cg
-            .memory_limit()
-            .map(|b| format!(" (limit {})", crate::units::format_memory(b)))
-            .unwrap_or_default();
-        Some(format!("{id} was killed: out of memory{limit}"))
-    }
-
     fn finish(&self, sandbox: Option<&StepSandbox>) -> Vec<String> {
         match (self.stage(), sandbox) {
             (Some(stage), Some(sb)) => stage.finish_step(sb),
@@ -727,7 +714,8 @@ impl Executor for HostExecutor {
             };
             // Whatever ended it, nothing of the step's process group may outlive the step.
             let status = process::stop(&child, libc::SIGTERM, RUN_STOP_GRACE).await;
-            let oom = self.oom_message(&step.id, sandbox.as_ref());
+            let oom = oom_cause(sandbox.as_ref().and_then(|s| s.cgroup.as_ref()))
+                .map(|why| format!("{} {why}", step.id));
             let start_error = match (&container, &self.containers, &end) {
                 (Some(c), Some(cs), End::Exited) if !status.success() => cs.start_error(c),
                 _ => None,
@@ -838,28 +826,17 @@ impl Executor for HostExecutor {
                     if stopping.load(std::sync::atomic::Ordering::SeqCst) {
                         return;
                     }
-                    let oom = oom_cg
-                        .as_ref()
-                        .is_some_and(|c| c.oom_killed().unwrap_or(false));
+                    let oom = oom_cause(oom_cg.as_ref());
                     let not_started = match &start_error {
-                        Some(read) if !status.success() => read(),
+                        Some(read) if oom.is_none() && !status.success() => read(),
                         _ => None,
                     };
-                    let why = if oom {
-                        let limit = oom_cg
-                            .as_ref()
-                            .and_then(|c| c.memory_limit())
-                            .map(crate::units::format_memory)
-                            .unwrap_or_default();
-                        format!("was killed: out of memory (limit {limit})")
-                    } else if let Some(msg) = &not_started {
-                        msg.clone()
-                    } else {
+                    let why = oom.or_else(|| not_started.clone()).unwrap_or_else(|| {
                         format!(
                             "exited after {}: {status}",
                             crate::units::format_duration(started.elapsed())
                         )
-                    };
+                    });
                     tx.send_modify(|st| {
                         *st = match st {
                             ServiceState::Starting if not_started.is_some() => {
@@ -942,25 +919,13 @@ impl Executor for HostExecutor {
                 // against it, but a SIGKILL after the grace period is worth saying.
                 let (clean, description) = match already {
                     Some(st) => {
-                        let oom = s
-                            .sandbox
-                            .as_ref()
-                            .and_then(|sb| sb.cgroup.as_ref())
-                            .filter(|cg| cg.oom_killed().unwrap_or(false));
-                        let not_started = match (&s.container, &self.containers) {
+                        let not_started = || match (&s.container, &self.containers) {
                             (Some(c), Some(cs)) if !st.success() => cs.start_error(c),
                             _ => None,
                         };
-                        let why = match (oom, not_started) {
-                            (Some(cg), _) => format!(
-                                "was killed: out of memory (limit {})",
-                                cg.memory_limit()
-                                    .map(crate::units::format_memory)
-                                    .unwrap_or_default()
-                            ),
-                            (None, Some(msg)) => msg,
-                            (None, None) => format!("had exited before the stage ended: {st}"),
-                        };
+                        let why = oom_cause(s.sandbox.as_ref().and_then(|sb| sb.cgroup.as_ref()))
+                            .or_else(not_started)
+                            .unwrap_or_else(|| format!("had exited before the stage ended: {st}"));
                         (st.success(), why)
                     }
                     None if status.signal == Some(libc::SIGKILL) => (
@@ -1224,6 +1189,17 @@ fn lookup_user_in(spec: &str, passwd: &Path, group: &Path) -> Result<HostUser, S
         groups,
         home,
     })
+}
+
+/// "was killed: out of memory (limit 500Mi)" when the step's cgroup saw an OOM kill: the
+/// reason to report whatever its exit status says.
+fn oom_cause(cg: Option<&stagehand_supervisor::cgroup::Cgroup>) -> Option<String> {
+    let cg = cg.filter(|c| c.oom_killed().unwrap_or(false))?;
+    let limit = cg
+        .memory_limit()
+        .map(|b| format!(" (limit {})", crate::units::format_memory(b)))
+        .unwrap_or_default();
+    Some(format!("was killed: out of memory{limit}"))
 }
 
 #[cfg(test)]
